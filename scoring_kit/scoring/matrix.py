@@ -397,13 +397,17 @@ async def ascore_memories(
     try:
         for c0 in range(0, len(todo), max(1, chunk_size)):
             chunk = todo[c0 : c0 + max(1, chunk_size)]
-            reqs: list[ScoreRequest] = [base_req]
+            # The in-process engine reuses the baseline's KV cache for the ablations in
+            # the same batch, so it gets the baseline first in every chunk; a server
+            # already saw it first (its prefix cache is warm) and is not sent it again.
+            lead = [base_req] if _batch_reuses_prefix(scorer) else []
+            reqs: list[ScoreRequest] = list(lead)
             for i in chunk:
                 k = mem_keys[i]
                 wp = ctx.wire_prompt(skip=skip_key(k))
                 reqs.append(wp.request(priority=priority))
             outs = await scorer.score_batch(reqs)
-            for i, out in zip(chunk, outs[1:], strict=True):
+            for i, out in zip(chunk, outs[len(lead) :], strict=True):
                 k = mem_keys[i]
                 if isinstance(out, BaseException):
                     result.without[i] = np.nan
@@ -434,6 +438,12 @@ async def ascore_memories(
     if stats is not None:
         result.meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
     return result
+
+
+def _batch_reuses_prefix(scorer: Scorer) -> bool:
+    """Whether ``scorer`` benefits from the baseline leading every batch."""
+    flag = getattr(scorer, "prefix_batching", None)
+    return bool(flag) if flag is not None else getattr(scorer, "name", "") == "local"
 
 
 def _describe(exc: BaseException) -> str:

