@@ -1,0 +1,81 @@
+"""Analysis: results as polars frames, Altair charts, and exports.
+
+Importing this package does not import Altair: the chart builders import it when first
+called (and then register the house theme, see :mod:`scoring_kit.analysis.charts`).
+"""
+
+from __future__ import annotations
+
+from .charts import (
+    THEME_NAME,
+    finetune_histogram,
+    heatmap,
+    memory_weights_chart,
+    response_dependence_chart,
+    weight_history_chart,
+)
+from .export import (
+    CANDIDATE_SCHEMA,
+    CHART_FORMATS,
+    MATRIX_FORMATS,
+    chat_messages,
+    export_candidates,
+    export_matrix,
+    parse_prior_context,
+    read_candidates,
+    read_chat,
+    read_matrix_frame,
+    save_chart,
+    validate_chat_record,
+)
+from .frames import (
+    CANDIDATE_FRAME_COLUMNS,
+    HEATMAP_COLUMNS,
+    MATRIX_FRAME_COLUMNS,
+    HeatmapReduction,
+    candidates_frame,
+    heatmap_reduction,
+    matrix_frame,
+    reduce_for_heatmap,
+    response_frame,
+    snippet_text,
+    top_memories,
+    top_memories_per_response,
+)
+
+__all__ = [
+    "CANDIDATE_FRAME_COLUMNS",
+    "CANDIDATE_SCHEMA",
+    "CHART_FORMATS",
+    "HEATMAP_COLUMNS",
+    "MATRIX_FORMATS",
+    "MATRIX_FRAME_COLUMNS",
+    "THEME_NAME",
+    "HeatmapReduction",
+    "candidates_frame",
+    "chat_messages",
+    "export_candidates",
+    "export_matrix",
+    "finetune_histogram",
+    "heatmap",
+    "heatmap_reduction",
+    "matrix_frame",
+    "memory_weights_chart",
+    "parse_prior_context",
+    "read_candidates",
+    "read_chat",
+    "read_matrix_frame",
+    "reduce_for_heatmap",
+    "response_dependence_chart",
+    "response_frame",
+    "save_chart",
+    "snippet_text",
+    "top_memories",
+    "top_memories_per_response",
+    "validate_chat_record",
+    "weight_history_chart",
+]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

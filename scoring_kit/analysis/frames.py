@@ -1,0 +1,637 @@
+"""Scoring results as tidy polars frames (no plotting, no pandas).
+
+Every frame here has one fixed schema, documented on the function that builds it, so the
+charts in :mod:`scoring_kit.analysis.charts` and the exports in
+:mod:`scoring_kit.analysis.export` can rely on the column names.
+
+Ranks are 0-based. *Heaviest* means the largest memory weight (the row sum of the
+divergence matrix, :attr:`MemoryMatrix.memory_weights`); a memory whose ablation failed has
+no weight (NaN) and ranks after every memory that succeeded. Failure is never turned into
+0.0: in :func:`matrix_frame` the cells of a failed memory keep NaN (as in
+:meth:`MemoryMatrix.to_frame`) and carry ``status == "failed"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+
+from .._exceptions import ScoringError
+from ..context.model import render_branch_text
+from ..scoring.matrix import MATRIX_COLUMNS
+
+if TYPE_CHECKING:
+    from ..context.model import ContextState
+    from ..scoring.finetune import FinetuneCandidate
+    from ..scoring.matrix import MemoryMatrix
+
+__all__ = [
+    "CANDIDATE_FRAME_COLUMNS",
+    "HEATMAP_COLUMNS",
+    "MATRIX_FRAME_COLUMNS",
+    "HeatmapReduction",
+    "candidates_frame",
+    "heatmap_reduction",
+    "matrix_frame",
+    "reduce_for_heatmap",
+    "response_frame",
+    "snippet_text",
+    "top_memories",
+    "top_memories_per_response",
+]
+
+#: Columns of :func:`matrix_frame`: :data:`~scoring_kit.scoring.MATRIX_COLUMNS` plus these.
+MATRIX_FRAME_COLUMNS: tuple[str, ...] = (
+    *MATRIX_COLUMNS,
+    "status",
+    "memory_rank",
+    "response_rank",
+    "memory_weight",
+    "response_score",
+    "memory_text",
+    "response_text",
+)
+
+#: Columns of :func:`reduce_for_heatmap` (one row per kept memory × response bin).
+HEATMAP_COLUMNS: tuple[str, ...] = (
+    "memory_key",
+    "memory_rank",
+    "memory_weight",
+    "memory_text",
+    "status",
+    "error",
+    "failure",
+    "response_bin",
+    "entry_index",
+    "entry_last",
+    "n_responses",
+    "peak_entry",
+    "baseline",
+    "response_text",
+    "divergence",
+)
+
+#: Columns of :func:`candidates_frame`.
+CANDIDATE_FRAME_COLUMNS: tuple[str, ...] = (
+    "entry_idx",
+    "divergence",
+    "timestamp_ns",
+    "response_text",
+    "prior_context",
+    "alternate_text",
+    "alternate_error",
+    "context_tokens",
+    "continuation_tokens",
+)
+
+_WS = re.compile(r"\s+")
+
+
+def snippet_text(text: str | None, n: int | None = 60) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``n`` characters with ``…``.
+
+    >>> snippet_text("a  long\\nnote about cats", 12)
+    'a long note…'
+    >>> snippet_text(None)
+    ''
+    """
+    if not text:
+        return ""
+    flat = _WS.sub(" ", text).strip()
+    if n is None or len(flat) <= n:
+        return flat
+    if n <= 1:
+        return "…"[: max(n, 0)]
+    return flat[: n - 1].rstrip() + "…"
+
+
+def _memory_order(weights: np.ndarray) -> np.ndarray:
+    """Row positions, heaviest first; NaN weights (failed) last; ties keep the key order."""
+    w = np.asarray(weights, dtype=np.float64)
+    failed = np.isnan(w)
+    # lexsort: last key is primary → failed flag, then -weight, then position.
+    return np.lexsort((np.arange(w.size), -np.where(failed, 0.0, w), failed))
+
+
+def _ranks(order: np.ndarray) -> np.ndarray:
+    ranks = np.empty(order.size, dtype=np.int64)
+    ranks[order] = np.arange(order.size, dtype=np.int64)
+    return ranks
+
+
+def _response_texts(entries: Sequence[int], ctx: ContextState | None, n: int | None) -> list[str]:
+    if ctx is None:
+        return [""] * len(entries)
+    conv = ctx.conversation
+    out: list[str] = []
+    for e in entries:
+        if 0 <= e < len(conv):
+            node = conv[e]
+            out.append(snippet_text(render_branch_text(node.children) if node.is_branch
+                                    else node.text, n))
+        else:
+            out.append("")
+    return out
+
+
+def _memory_texts(keys: Sequence[str], ctx: ContextState | None, n: int | None) -> list[str]:
+    if ctx is None:
+        return [""] * len(keys)
+    return [snippet_text(ctx.memory_text(k), n) for k in keys]
+
+
+def matrix_frame(
+    matrix: MemoryMatrix, ctx: ContextState | None = None, *, snippet: int | None = 60
+) -> pl.DataFrame:
+    """The long matrix frame with ranks, weights and text snippets.
+
+    One row per (memory, response), memories in key order, responses in column order.
+
+    Parameters
+    ----------
+    matrix
+        The scored matrix, ``(n_memories, n_responses)``.
+    ctx
+        The context it was scored on; gives the text snippets (empty strings without it).
+    snippet
+        Maximum characters of each text snippet (``None``: full text, still on one line).
+
+    Returns
+    -------
+    pl.DataFrame
+        :data:`MATRIX_FRAME_COLUMNS`: ``memory_key`` (str), ``entry_index`` (i64,
+        conversation index of the response), ``baseline``, ``without``, ``delta``,
+        ``divergence`` (f64; NaN on a failed memory), ``error`` (str or null), ``status``
+        (``"ok"`` or ``"failed"``: a failed memory or a NaN cell), ``memory_rank`` (i64,
+        0 = heaviest, failed memories last), ``response_rank`` (i64, 0..M-1 in column
+        order), ``memory_weight`` (f64, row sum; NaN when failed), ``response_score`` (f64,
+        column sum over the memories that succeeded), ``memory_text``, ``response_text``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scoring_kit.scoring import MemoryMatrix
+    >>> m = MemoryMatrix(["a", "b"], np.array([1, 3]), np.array([-1.0, -2.0]),
+    ...                  np.array([[-1.5, -2.0], [np.nan, np.nan]]), [None, "timeout"])
+    >>> matrix_frame(m).select("memory_key", "entry_index", "status", "memory_rank").rows()
+    [('a', 1, 'ok', 0), ('a', 3, 'ok', 0), ('b', 1, 'failed', 1), ('b', 3, 'failed', 1)]
+    """
+    n, m = matrix.shape
+    base = matrix.to_frame()
+    weights = matrix.memory_weights
+    mem_rank = _ranks(_memory_order(weights))
+    div = matrix.divergence.reshape(-1)
+    failed_row = np.repeat(np.asarray([e is not None for e in matrix.errors], dtype=bool), m)
+    status = np.where(failed_row | np.isnan(div), "failed", "ok")
+    entries = matrix.entries.tolist()
+    return base.with_columns(
+        pl.Series("status", status.tolist(), dtype=pl.String),
+        pl.Series("memory_rank", np.repeat(mem_rank, m), dtype=pl.Int64),
+        pl.Series("response_rank", np.tile(np.arange(m, dtype=np.int64), n), dtype=pl.Int64),
+        pl.Series("memory_weight", np.repeat(weights, m), dtype=pl.Float64, nan_to_null=False),
+        pl.Series(
+            "response_score", np.tile(matrix.response_scores, n), dtype=pl.Float64,
+            nan_to_null=False,
+        ),
+        pl.Series(
+            "memory_text",
+            [t for t in _memory_texts(matrix.keys, ctx, snippet) for _ in range(m)],
+            dtype=pl.String,
+        ),
+        pl.Series("response_text", _response_texts(entries, ctx, snippet) * n, dtype=pl.String),
+    ).select(MATRIX_FRAME_COLUMNS)
+
+
+def response_frame(
+    matrix: MemoryMatrix, ctx: ContextState | None = None, *, snippet: int | None = 60
+) -> pl.DataFrame:
+    """One row per response: how much it depends on the memories, and on which most.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``response_rank``, ``entry_index``, ``baseline``, ``response_score`` (column sum
+        over the memories that succeeded; null when every memory failed), ``top_memory``
+        (key of the largest divergence, null when none is above 0), ``top_divergence``,
+        ``response_text``.
+    """
+    n, m = matrix.shape
+    div = matrix.divergence
+    top_key: list[str | None] = [None] * m
+    top_val: list[float | None] = [None] * m
+    if n:
+        safe = np.where(np.isnan(div), -np.inf, div)
+        best = safe.argmax(axis=0)
+        for j in range(m):
+            v = float(safe[best[j], j])
+            if v > 0:
+                top_key[j] = matrix.keys[int(best[j])]
+                top_val[j] = v
+    return pl.DataFrame(
+        {
+            "response_rank": np.arange(m, dtype=np.int64),
+            "entry_index": matrix.entries,
+            "baseline": matrix.baseline,
+            "response_score": matrix.response_scores,
+            "top_memory": top_key,
+            "top_divergence": top_val,
+            "response_text": _response_texts(matrix.entries.tolist(), ctx, snippet),
+        },
+        schema={
+            "response_rank": pl.Int64,
+            "entry_index": pl.Int64,
+            "baseline": pl.Float64,
+            "response_score": pl.Float64,
+            "top_memory": pl.String,
+            "top_divergence": pl.Float64,
+            "response_text": pl.String,
+        },
+        nan_to_null=True,
+    )
+
+
+def top_memories(
+    matrix: MemoryMatrix,
+    k: int | None = 10,
+    *,
+    ctx: ContextState | None = None,
+    snippet: int | None = 60,
+    threshold: float = 0.01,
+) -> pl.DataFrame:
+    """The ``k`` heaviest memories (failed memories are left out: they have no weight).
+
+    Parameters
+    ----------
+    matrix
+        The scored matrix.
+    k
+        How many to keep (``None``: all that succeeded).
+    ctx
+        Gives ``memory_text`` (empty without it).
+    snippet
+        Maximum characters of ``memory_text``.
+    threshold
+        ``responses_above`` counts the responses whose divergence is above this.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``memory_rank``, ``memory_key``, ``weight`` (row sum), ``max_divergence``,
+        ``peak_entry`` (conversation index of the largest divergence),
+        ``responses_above``, ``memory_text``; heaviest first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scoring_kit.scoring import MemoryMatrix
+    >>> m = MemoryMatrix(["a", "b", "c"], np.array([1, 3]), np.array([-1.0, -2.0]),
+    ...                  np.array([[-1.5, -2.0], [-3.0, -2.5], [np.nan, np.nan]]),
+    ...                  [None, None, "boom"])
+    >>> top_memories(m, 5).select("memory_key", "weight").rows()
+    [('b', 2.5), ('a', 0.5)]
+    """
+    m = matrix.shape[1]
+    weights = matrix.memory_weights
+    order = [int(i) for i in _memory_order(weights) if not np.isnan(weights[i])]
+    if k is not None:
+        order = order[: max(k, 0)]
+    div = matrix.divergence
+    rows_max: list[float] = []
+    peaks: list[int | None] = []
+    above: list[int] = []
+    for i in order:
+        row = div[i]
+        if m:
+            j = int(np.nanargmax(row)) if not np.isnan(row).all() else 0
+            rows_max.append(float(row[j]))
+            peaks.append(int(matrix.entries[j]))
+        else:
+            rows_max.append(0.0)
+            peaks.append(None)
+        above.append(int(np.sum(row > threshold)))
+    keys = [matrix.keys[i] for i in order]
+    return pl.DataFrame(
+        {
+            "memory_rank": list(range(len(order))),
+            "memory_key": keys,
+            "weight": [float(weights[i]) for i in order],
+            "max_divergence": rows_max,
+            "peak_entry": peaks,
+            "responses_above": above,
+            "memory_text": _memory_texts(keys, ctx, snippet),
+        },
+        schema={
+            "memory_rank": pl.Int64,
+            "memory_key": pl.String,
+            "weight": pl.Float64,
+            "max_divergence": pl.Float64,
+            "peak_entry": pl.Int64,
+            "responses_above": pl.Int64,
+            "memory_text": pl.String,
+        },
+    )
+
+
+def top_memories_per_response(
+    matrix: MemoryMatrix, k: int = 3, *, threshold: float = 0.0
+) -> pl.DataFrame:
+    """For every response, the ``k`` memories it leaned on most.
+
+    Only cells with a divergence above ``threshold`` count (failed cells never do), so a
+    response that depends on no memory has no rows.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``response_rank``, ``entry_index``, ``rank`` (0 = largest divergence),
+        ``memory_key``, ``divergence``, ``share`` (the cell over the response's column
+        sum); sorted by response, then rank.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scoring_kit.scoring import MemoryMatrix
+    >>> m = MemoryMatrix(["a", "b"], np.array([1, 3]), np.array([-1.0, -2.0]),
+    ...                  np.array([[-1.5, -2.0], [-3.0, -2.5]]), [None, None])
+    >>> top_memories_per_response(m, 1).select("entry_index", "memory_key").rows()
+    [(1, 'b'), (3, 'b')]
+    """
+    frame = (
+        matrix.to_frame()
+        .with_columns(
+            pl.Series("response_rank", np.tile(np.arange(matrix.shape[1]), matrix.shape[0]),
+                      dtype=pl.Int64),
+            pl.col("divergence").fill_nan(None),
+        )
+        .with_columns(
+            (pl.col("divergence") / pl.col("divergence").sum().over("response_rank"))
+            .alias("share")
+        )
+        .filter(pl.col("divergence") > threshold)
+    )
+    return (
+        frame.sort(
+            ["response_rank", "divergence", "memory_key"],
+            descending=[False, True, False],
+        )
+        .with_columns(pl.int_range(pl.len()).over("response_rank").cast(pl.Int64).alias("rank"))
+        .filter(pl.col("rank") < k)
+        .select("response_rank", "entry_index", "rank", "memory_key", "divergence", "share")
+    )
+
+
+def candidates_frame(candidates: Iterable[FinetuneCandidate]) -> pl.DataFrame:
+    """Finetune candidates as a frame, one row each, in the order given.
+
+    Returns
+    -------
+    pl.DataFrame
+        :data:`CANDIDATE_FRAME_COLUMNS`: the candidate's scalar fields plus
+        ``context_tokens`` and ``continuation_tokens`` (token counts; the id lists
+        themselves stay in the JSONL export).
+    """
+    cands = list(candidates)
+    return pl.DataFrame(
+        {
+            "entry_idx": [c.entry_idx for c in cands],
+            "divergence": [c.divergence for c in cands],
+            "timestamp_ns": [c.timestamp_ns for c in cands],
+            "response_text": [c.response_text for c in cands],
+            "prior_context": [c.prior_context for c in cands],
+            "alternate_text": [c.alternate_text for c in cands],
+            "alternate_error": [c.alternate_error for c in cands],
+            "context_tokens": [len(c.context_ids) for c in cands],
+            "continuation_tokens": [len(c.continuation_ids) for c in cands],
+        },
+        schema={
+            "entry_idx": pl.Int64,
+            "divergence": pl.Float64,
+            "timestamp_ns": pl.Int64,
+            "response_text": pl.String,
+            "prior_context": pl.String,
+            "alternate_text": pl.String,
+            "alternate_error": pl.String,
+            "context_tokens": pl.Int64,
+            "continuation_tokens": pl.Int64,
+        },
+    )
+
+
+# ── heatmap reduction ─────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class HeatmapReduction:
+    """What :func:`heatmap_reduction` kept and what it dropped.
+
+    Attributes
+    ----------
+    frame
+        The reduced frame (:data:`HEATMAP_COLUMNS`), one row per kept memory × bin.
+    memories_total, memories_kept
+        Memories in the input and in ``frame``.
+    dropped_memories
+        Keys left out (the lightest; failed memories rank last, so they go first).
+    responses_total
+        Responses (columns) in the input.
+    response_bins
+        Columns in ``frame``; equal to ``responses_total`` when nothing was binned.
+    responses_per_bin
+        Most responses aggregated into one bin (1 when nothing was binned).
+    """
+
+    frame: pl.DataFrame
+    memories_total: int
+    memories_kept: int
+    dropped_memories: tuple[str, ...]
+    responses_total: int
+    response_bins: int
+    responses_per_bin: int
+
+    @property
+    def reduced(self) -> bool:
+        """True when memories were dropped or responses binned."""
+        return bool(self.dropped_memories) or self.responses_per_bin > 1
+
+    @property
+    def marks(self) -> int:
+        """Cells the heatmap will draw."""
+        return self.frame.height
+
+    def summary(self) -> str:
+        """One line for a chart subtitle ('' when nothing was reduced)."""
+        parts = []
+        if self.dropped_memories:
+            parts.append(
+                f"heaviest {self.memories_kept} of {self.memories_total} memories"
+                f" ({len(self.dropped_memories)} lighter dropped)"
+            )
+        if self.responses_per_bin > 1:
+            parts.append(
+                f"{self.responses_total} responses in {self.response_bins} bins of "
+                f"≤{self.responses_per_bin} (max divergence per bin)"
+            )
+        return "; ".join(parts)
+
+
+_REQUIRED = ("memory_key", "entry_index", "divergence", "memory_rank", "response_rank")
+
+
+def heatmap_reduction(
+    frame: pl.DataFrame,
+    *,
+    max_memories: int = 60,
+    max_responses: int = 200,
+    max_marks: int = 5000,
+) -> HeatmapReduction:
+    """Shrink a :func:`matrix_frame` to what a browser can draw, and say what was dropped.
+
+    Memories: the ``max_memories`` heaviest (lowest ``memory_rank``) are kept; the rest are
+    dropped. Responses: when there are more columns than
+    ``min(max_responses, max_marks // kept_memories)``, consecutive responses (in column
+    order) are put into that many equal-count bins and each cell becomes the **maximum**
+    divergence over its bin (so a strong dependence is never averaged away). A bin's
+    ``entry_index`` is its first response's, ``entry_last`` its last, and ``peak_entry``,
+    ``baseline`` and ``response_text`` belong to the response with the largest divergence
+    in the cell. A cell whose responses all failed stays ``status == "failed"`` with a null
+    divergence. The result has at most ``max(max_marks, kept_memories)`` rows.
+
+    Parameters
+    ----------
+    frame
+        A :func:`matrix_frame` (needs at least ``memory_key``, ``entry_index``,
+        ``divergence``, ``memory_rank`` and ``response_rank``).
+    max_memories, max_responses
+        Most rows and columns to draw.
+    max_marks
+        Most cells to draw.
+
+    Raises
+    ------
+    ScoringError
+        ``frame`` lacks a required column, or a limit is below 1.
+    """
+    missing = [c for c in _REQUIRED if c not in frame.columns]
+    if missing:
+        msg = (
+            f"reduce_for_heatmap: the frame lacks column(s) {', '.join(missing)}; "
+            "pass matrix_frame(matrix)"
+        )
+        raise ScoringError(msg)
+    for name, val in (("max_memories", max_memories), ("max_responses", max_responses),
+                      ("max_marks", max_marks)):
+        if val < 1:
+            msg = f"reduce_for_heatmap: {name} must be at least 1, got {val}"
+            raise ScoringError(msg)
+    f = frame
+    for col, default in (
+        ("memory_weight", pl.lit(None, dtype=pl.Float64)),
+        ("memory_text", pl.lit("")),
+        ("response_text", pl.lit("")),
+        ("error", pl.lit(None, dtype=pl.String)),
+        ("baseline", pl.lit(None, dtype=pl.Float64)),
+    ):
+        if col not in f.columns:
+            f = f.with_columns(default.alias(col))
+    f = f.with_columns(
+        pl.col("divergence").cast(pl.Float64).fill_nan(None),
+        pl.col("memory_weight").cast(pl.Float64).fill_nan(None),
+    )
+    mems = f.group_by("memory_key").agg(pl.col("memory_rank").min()).sort(
+        "memory_rank", "memory_key"
+    )
+    kept = mems.head(max_memories).with_row_index("new_rank")
+    dropped = tuple(mems["memory_key"].to_list()[max_memories:])
+    n_kept = kept.height
+    cols = f.select("response_rank").unique().sort("response_rank")
+    n_resp = cols.height
+    bins = max(1, min(max_responses, max_marks // max(n_kept, 1), n_resp))
+    cols = cols.with_columns(
+        ((pl.int_range(pl.len(), dtype=pl.Int64) * bins) // max(n_resp, 1)).alias(
+            "response_bin"
+        )
+    )
+    per_bin = cols.group_by("response_bin").len()["len"].max() if n_resp else 0
+    per_bin = per_bin if isinstance(per_bin, int) else 0
+    by_div = pl.col("divergence")
+
+    def at_peak(col: str) -> pl.Expr:
+        return pl.col(col).sort_by(by_div, descending=True, nulls_last=True).first()
+
+    reduced = (
+        f.join(kept.select("memory_key", "new_rank"), on="memory_key", how="inner")
+        .join(cols, on="response_rank", how="inner")
+        .sort("new_rank", "response_rank")
+        .group_by("new_rank", "response_bin", maintain_order=True)
+        .agg(
+            pl.col("memory_key").first(),
+            pl.col("memory_weight").first(),
+            pl.col("memory_text").first(),
+            pl.col("error").drop_nulls().first(),
+            pl.col("entry_index").min().alias("entry_index"),
+            pl.col("entry_index").max().alias("entry_last"),
+            pl.len().cast(pl.Int64).alias("n_responses"),
+            at_peak("entry_index").alias("peak_entry"),
+            at_peak("baseline"),
+            at_peak("response_text"),
+            by_div.max(),
+        )
+        .with_columns(
+            pl.col("new_rank").cast(pl.Int64).alias("memory_rank"),
+            pl.when(pl.col("divergence").is_null())
+            .then(pl.lit("failed"))
+            .otherwise(pl.lit("ok"))
+            .alias("status"),
+        )
+        .with_columns(
+            pl.when(pl.col("status") == "failed")
+            .then(pl.lit("failed: ") + pl.col("error").fill_null("no score"))
+            .otherwise(pl.lit(None, dtype=pl.String))
+            .alias("failure"),
+        )
+        .select(HEATMAP_COLUMNS)
+    )
+    return HeatmapReduction(
+        frame=reduced,
+        memories_total=mems.height,
+        memories_kept=n_kept,
+        dropped_memories=dropped,
+        responses_total=n_resp,
+        response_bins=bins if n_resp else 0,
+        responses_per_bin=max(per_bin, 1),
+    )
+
+
+def reduce_for_heatmap(
+    frame: pl.DataFrame,
+    *,
+    max_memories: int = 60,
+    max_responses: int = 200,
+    max_marks: int = 5000,
+) -> pl.DataFrame:
+    """The reduced frame of :func:`heatmap_reduction` (see there for what is dropped).
+
+    Keeps the ``max_memories`` heaviest memories and bins the responses so that at most
+    ``max_marks`` cells remain (each the max divergence over its bin); columns
+    :data:`HEATMAP_COLUMNS`. Use :func:`heatmap_reduction` to also learn which memories
+    were dropped and how many responses share a bin.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scoring_kit.scoring import MemoryMatrix
+    >>> rng = np.random.default_rng(0)
+    >>> m = MemoryMatrix([f"m{i}" for i in range(200)], np.arange(500),
+    ...                  np.zeros(500), -rng.random((200, 500)), [None] * 200)
+    >>> small = reduce_for_heatmap(matrix_frame(m))
+    >>> small.height <= 5000, small["memory_key"].n_unique()
+    (True, 60)
+    """
+    return heatmap_reduction(
+        frame, max_memories=max_memories, max_responses=max_responses, max_marks=max_marks
+    ).frame
