@@ -1,0 +1,227 @@
+"""Approximate memory matrices for large N: hierarchical ablation, optionally on a proxy.
+
+Exact leave-one-out needs N + 1 prompts. The hierarchical mode (AttriBoT's idea, applied to
+memories) first removes *groups* of adjacent memories, one prompt per group, and descends —
+one prompt per member — only into the groups whose removal mattered. Rows of memories in
+groups it did not descend into are *estimated* as no divergence; the result says which rows
+those are, is labelled ``approximate``, and records the prompts and tokens it spent against
+what the exact run would spend.
+
+With a ``proxy`` scorer (a cheaper model of the same tokenizer), the whole hierarchical
+search runs on the proxy and only the memories it found are re-scored exactly on the target
+(AttriBoT's proxy pruning + rescoring).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._exceptions import ScoringError
+from .._types import FloatArray
+from ..backends.base import DEFAULT_PRIORITY, Scorer
+from ..context.model import ContextState, Node, memory_key
+from .divergence import divergence
+from .matrix import MemoryMatrix, ascore_memories
+
+__all__ = ["ascore_memories_hierarchical", "score_memories_hierarchical"]
+
+
+def _skip_keys(keys: Sequence[str]) -> Any:
+    wanted = frozenset(keys)
+
+    def skip(node: Node) -> bool:
+        k = memory_key(node)
+        return k is not None and k in wanted
+
+    return skip
+
+
+def _split(keys: list[str], parts: int) -> list[list[str]]:
+    """``keys`` cut into ``parts`` contiguous, nearly equal groups (no empty ones)."""
+    parts = max(1, min(parts, len(keys)))
+    bounds = np.linspace(0, len(keys), parts + 1).round().astype(int)
+    return [keys[a:b] for a, b in itertools.pairwise(bounds.tolist()) if b > a]
+
+
+async def _hierarchical(
+    ctx: ContextState,
+    scorer: Scorer,
+    keys: list[str],
+    *,
+    group_size: int,
+    descend_threshold: float,
+    top_groups: int,
+    branching: int,
+    priority: int | None,
+) -> tuple[MemoryMatrix, dict[str, Any]]:
+    base_wp = ctx.wire_prompt()
+    base_req = base_wp.request(priority=priority)
+    baseline_out = (await scorer.score_batch([base_req]))[0]
+    if isinstance(baseline_out, BaseException):
+        raise baseline_out
+    baseline: FloatArray = baseline_out
+    m = baseline.shape[0]
+    without = np.repeat(baseline[None, :], len(keys), axis=0)  # estimated: no divergence
+    errors: list[str | None] = [None] * len(keys)
+    exact_rows: set[str] = set()
+    top = _split(keys, math.ceil(len(keys) / group_size))
+    level, calls, depth = top, 1, 0
+    tested: list[list[str]] = []
+    while level:
+        depth += 1
+        reqs = [base_req] + [
+            ctx.wire_prompt(skip=_skip_keys(g)).request(priority=priority) for g in level
+        ]
+        outs = (await scorer.score_batch(reqs))[1:]
+        calls += len(level)
+        tested += level
+        divs = np.full((len(level), m), np.nan)
+        for gi, out in enumerate(outs):
+            if not isinstance(out, BaseException):
+                divs[gi] = divergence(baseline, out)
+        go = set(np.flatnonzero(np.isnan(divs).any(axis=1)).tolist())  # failed: look closer
+        filled = np.nan_to_num(divs, nan=0.0)
+        if m:
+            go |= set(np.flatnonzero(filled.max(axis=1) > descend_threshold).tolist())
+            for j in range(m if top_groups > 0 else 0):
+                for g in np.argsort(-filled[:, j], kind="stable")[:top_groups]:
+                    if filled[g, j] > 0.01:
+                        go.add(int(g))
+        nxt: list[list[str]] = []
+        for gi, g in enumerate(level):
+            if len(g) == 1:  # a singleton ablation is the exact leave-one-out row
+                i = keys.index(g[0])
+                out = outs[gi]
+                exact_rows.add(g[0])
+                if isinstance(out, BaseException):
+                    without[i], errors[i] = np.nan, str(out) or type(out).__name__
+                else:
+                    without[i] = out
+            elif gi in go:
+                nxt += _split(g, branching)
+        level = nxt
+    estimated = [k for k in keys if k not in exact_rows]
+    info = {
+        "groups": top,
+        "tested_groups": tested,
+        "depth": depth,
+        "estimated_keys": estimated,
+        "calls": calls,
+        "exact_calls": len(keys) + 1,
+    }
+    mat = MemoryMatrix(
+        keys=keys,
+        entries=np.asarray(base_wp.entries, dtype=np.int64),
+        baseline=baseline,
+        without=without,
+        errors=errors,
+        method="hierarchical",
+        approximate=True,
+        meta=info,
+    )
+    return mat, info
+
+
+async def ascore_memories_hierarchical(
+    ctx: ContextState,
+    scorer: Scorer,
+    *,
+    group_size: int | None = None,
+    descend_threshold: float = 0.5,
+    top_groups: int = 0,
+    branching: int = 2,
+    proxy: Scorer | None = None,
+    keys: Sequence[str] | None = None,
+    priority: int | None = DEFAULT_PRIORITY,
+) -> MemoryMatrix:
+    """Approximate N×M matrix by hierarchical ablation (see the module docstring).
+
+    Parameters
+    ----------
+    group_size
+        Adjacent memories per top-level group (default ``ceil(sqrt(N))``).
+    descend_threshold
+        Descend into a group whose removal changes some response by more than this (nats).
+    top_groups
+        Also descend into each response's ``top_groups`` most important groups (0: only
+        the threshold decides).
+    branching
+        A descended group is split into this many parts, down to single memories (whose
+        ablation is the exact leave-one-out row).
+    proxy
+        Run the search on this cheaper scorer and re-score the found memories exactly on
+        ``scorer``.
+
+    Returns
+    -------
+    MemoryMatrix
+        ``method="hierarchical"`` (or ``"hierarchical+proxy"``), ``approximate=True``;
+        ``meta`` holds the groups, which were descended, the estimated keys, and the calls
+        and prompt tokens spent against the exact run (``exact_calls``,
+        ``exact_prompt_tokens``).
+    """
+    mem_keys = list(keys) if keys is not None else ctx.memory_keys()
+    if not mem_keys or not ctx.response_indices():
+        return await ascore_memories(ctx, scorer, keys=mem_keys, progress=False)
+    gs = group_size or max(1, math.ceil(math.sqrt(len(mem_keys))))
+    if gs < 1:
+        raise ScoringError(f"group_size must be >= 1, got {gs}")
+    base_len = len(ctx.wire_prompt())
+    exact_tokens = base_len + sum(len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in mem_keys)
+    search = proxy if proxy is not None else scorer
+    before = _computed(search) + (_computed(scorer) if proxy is not None else 0)
+    mat, info = await _hierarchical(
+        ctx, search, mem_keys, group_size=gs, descend_threshold=descend_threshold,
+        top_groups=top_groups, branching=branching, priority=priority,
+    )
+    sent = base_len + sum(len(ctx.wire_prompt(skip=_skip_keys(g))) for g in info["tested_groups"])
+    found = [k for k in mem_keys if k not in info["estimated_keys"]]
+    if proxy is not None:
+        # keep only memories the proxy saw matter, then re-score them exactly on the target
+        div = mat.divergence
+        picked = [k for i, k in enumerate(mem_keys)
+                  if k in found and np.nan_to_num(div[i], nan=1.0).max() > 0.0]
+        exact = await ascore_memories(ctx, scorer, keys=picked or mem_keys[:1], progress=False)
+        without = np.repeat(exact.baseline[None, :], len(mem_keys), axis=0)
+        errors: list[str | None] = [None] * len(mem_keys)
+        for k in exact.keys:
+            i = mem_keys.index(k)
+            without[i] = exact.without[exact.keys.index(k)]
+            errors[i] = exact.errors[exact.keys.index(k)]
+        info["estimated_keys"] = [k for k in mem_keys if k not in exact.keys]
+        info["calls"] += exact.shape[0] + 1
+        info["proxy_search_calls"] = info["calls"] - exact.shape[0] - 1
+        sent += base_len + sum(len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in exact.keys)
+        mat = MemoryMatrix(
+            keys=mem_keys, entries=exact.entries, baseline=exact.baseline, without=without,
+            errors=errors, method="hierarchical+proxy", approximate=True, meta=info,
+        )
+    mat.meta.update(
+        {
+            "prompt_tokens_sent": int(sent),
+            "exact_prompt_tokens": int(exact_tokens),
+            "computed_tokens": _computed(search)
+            + (_computed(scorer) if proxy is not None else 0)
+            - before,
+            "group_size": gs,
+            "descend_threshold": descend_threshold,
+        }
+    )
+    return mat
+
+
+def _computed(scorer: Scorer) -> int:
+    stats = getattr(scorer, "stats", None)
+    return int(getattr(stats, "computed_tokens", 0) or 0)
+
+
+def score_memories_hierarchical(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
+    """Synchronous :func:`ascore_memories_hierarchical`."""
+    from .._sync import run_sync
+
+    return run_sync(ascore_memories_hierarchical(ctx, scorer, **kwargs))
