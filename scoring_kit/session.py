@@ -95,8 +95,11 @@ class Session:
         if tok is None:
             import orjson
 
-            with open(path, "rb") as fh:
-                first = next((ln for ln in fh if ln.strip()), b"{}")
+            try:
+                with open(path, "rb") as fh:
+                    first = next((ln for ln in fh if ln.strip()), b"{}")
+            except OSError:  # missing or unreadable: load_context names the problem
+                return load_context(path, None)
             try:
                 fmt = detect_format(orjson.loads(first))
             except Exception:
