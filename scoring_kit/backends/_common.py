@@ -37,7 +37,7 @@ from .._exceptions import (
 )
 from .._types import FloatArray
 from ._retry import RetryPolicy, parse_retry_after
-from .base import ScoreRequest, ScorerStats, validate_score_request
+from .base import CompletionRequest, ScoreRequest, ScorerStats, validate_score_request
 
 __all__ = [
     "API_KEY_ENV",
@@ -45,6 +45,7 @@ __all__ = [
     "HTTPBackend",
     "ProbeResult",
     "choice_text",
+    "completion_body",
     "display_url",
     "dumps_json",
     "empty_scores",
@@ -560,3 +561,24 @@ def int_or(value: Any, default: int) -> int:
 def empty_scores() -> FloatArray:
     """The result for a request with no ranges."""
     return np.empty(0, dtype=np.float64)
+
+
+def completion_body(request: CompletionRequest, model: str | None) -> dict[str, Any]:
+    """The OpenAI-style ``/completions`` body for ``request`` (token-id prompt, no priority).
+
+    Shared by the seed's ``/completions`` and stock vLLM's ``/v1/completions``; each caller
+    adds what only its server takes (``priority``, ``stream``).
+    """
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(request.prompt),
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "stop_token_ids": list(request.stop_token_ids),
+        "skip_special_tokens": False,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    return body

@@ -29,6 +29,7 @@ from ._common import (
     BackendPromptError,
     HTTPBackend,
     choice_text,
+    completion_body,
     empty_scores,
     extract_message,
     int_or,
@@ -344,20 +345,9 @@ class ScoreClient(HTTPBackend):
 
     async def complete(self, request: CompletionRequest) -> str:
         """Generate a continuation with ``POST {base_url}/completions``; ``choices[0].text``."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": list(request.prompt),
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "stop_token_ids": list(request.stop_token_ids),
-            "skip_special_tokens": False,
-        }
+        body = completion_body(request, self.model)
         if request.priority is not None:
             body["priority"] = request.priority
-        if request.seed is not None:
-            body["seed"] = request.seed
         with self._tracking(prompt_tokens=len(request.prompt)):
             _, data = await self._request_json(
                 "POST", self.url("/completions"), body, what="completions API"

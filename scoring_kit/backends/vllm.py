@@ -43,6 +43,7 @@ from ._common import (
     BackendPromptError,
     HTTPBackend,
     choice_text,
+    completion_body,
     empty_scores,
     normalise_url,
 )
@@ -323,18 +324,7 @@ class VLLMScorer(HTTPBackend):
         """Generate with ``POST /v1/completions``; return ``choices[0].text``."""
         with self._tracking(prompt_tokens=len(request.prompt)):
             await self._ensure_model()
-            body: dict[str, Any] = {
-                "model": self.model,
-                "prompt": list(request.prompt),
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-                "top_k": request.top_k,
-                "stop_token_ids": list(request.stop_token_ids),
-                "skip_special_tokens": False,
-                "stream": False,
-            }
-            if request.seed is not None:
-                body["seed"] = request.seed
+            body = completion_body(request, self.model)
+            body["stream"] = False
             data = await self._post_completions(body, request.priority)
             return choice_text(data, what=_WHAT, backend=self.name)
