@@ -149,17 +149,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _is_plain(path: Path) -> bool:
-    import orjson
+    from .context.io import sniff_format
 
-    from .context.io import detect_format
-
-    try:
-        with open(path, "rb") as fh:
-            first = next((ln for ln in fh if ln.strip()), b"{}")
-        return detect_format(orjson.loads(first)) == "plain"
-    except (OSError, ValueError, ScoringKitError):
-        # load_context reports the real problem before it needs a tokenizer
-        return False
+    # when the format cannot be told, load_context reports the problem without a tokenizer
+    return sniff_format(path) == "plain"
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -88,23 +88,13 @@ class Session:
 
     def load(self, path: PathLike) -> ContextState:
         """Load a conversation in either format with this session's tokenizer."""
-        from .context.io import detect_format, load_context
+        from .context.io import load_context, sniff_format
 
-        # tokenized files need no tokenizer unless one is already loaded (vocab check)
+        # tokenized files need no tokenizer unless one is already loaded (vocab check);
+        # an unreadable file is reported by load_context before any tokenizer is loaded
         tok = self._tokenizer
-        if tok is None:
-            import orjson
-
-            try:
-                with open(path, "rb") as fh:
-                    first = next((ln for ln in fh if ln.strip()), b"{}")
-            except OSError:  # missing or unreadable: load_context names the problem
-                return load_context(path, None)
-            try:
-                fmt = detect_format(orjson.loads(first))
-            except Exception:
-                fmt = "plain"
-            tok = self.tokenizer if fmt == "plain" else None
+        if tok is None and sniff_format(path) == "plain":
+            tok = self.tokenizer
         return load_context(path, tok)
 
     def close(self) -> None:

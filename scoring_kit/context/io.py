@@ -56,6 +56,7 @@ __all__ = [
     "load_messages",
     "parse_timestamp",
     "save_context",
+    "sniff_format",
 ]
 
 FORMAT_NAME = "scoring_kit.context"
@@ -127,6 +128,19 @@ def detect_format(first: Mapping[str, Any], *, path: str | None = None, line: in
         f"({{'format': '{FORMAT_NAME}'}}); got keys {sorted(first)}"
     )
     raise ContextError(msg, path=path, line=line)
+
+
+def sniff_format(path: PathLike) -> Format | None:
+    """The format of ``path`` from its first non-empty line, or None when that cannot be told
+    (missing or unreadable file, bad JSON, unknown shape): :func:`load_context` then names
+    the problem, and no tokenizer needs loading first."""
+    try:
+        with open(path, "rb") as fh:
+            first = next((ln for ln in fh if ln.strip()), b"{}")
+        obj = orjson.loads(first)
+        return detect_format(obj) if isinstance(obj, dict) else None
+    except (OSError, orjson.JSONDecodeError, ContextError):
+        return None
 
 
 # ── plain messages ────────────────────────────────────────────────
