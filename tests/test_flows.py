@@ -310,13 +310,19 @@ def test_finetune_candidates_skip_trained_and_blank(
     assert stats.responses_considered == 7 and stats.error is None
     assert stats.above_threshold == len(cands) > 0
     assert [c.divergence for c in cands] == sorted((c.divergence for c in cands), reverse=True)
+    by_entry = {c.entry_idx: c for c in cands}
+    # the two answers that only the memories can give lead, far above small talk:
+    # 29 "You are Melanie, ..." (identity) and 27 "Caroline is researching adoption agencies." (D2:8)
+    assert {cands[0].entry_idx, cands[1].entry_idx} == {27, 29}
+    assert min(by_entry[27].divergence, by_entry[29].divergence) > 5.0
+    assert all(c.divergence < 5.0 for c in cands[2:])
     top = cands[0]
-    assert top.entry_idx == 27  # "Caroline is researching adoption agencies." needs D2:8
-    node = ctx.conversation[top.entry_idx]
-    assert top.continuation_ids == node.token_ids
-    assert list(top.context_ids) == ctx.wire_prompt(range(0, 27)).tokens.tolist()
-    assert top.timestamp_ns == node.timestamp_ns
-    assert top.prior_context.splitlines()[-1] == "user: What is Caroline researching?"
+    cand = by_entry[27]
+    node = ctx.conversation[27]
+    assert cand.continuation_ids == node.token_ids
+    assert list(cand.context_ids) == ctx.wire_prompt(range(0, 27)).tokens.tolist()
+    assert cand.timestamp_ns == node.timestamp_ns
+    assert cand.prior_context.splitlines()[-1] == "user: What is Caroline researching?"
     # already trained → skipped
     trained.mark([top.timestamp_ns])
     again, st2 = score_finetune_candidates(ctx, client, trained=trained)
