@@ -163,8 +163,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     with _session(args) as sess:
         ctx = sess.load(args.conversation)
         ckpt = out / "matrix.ckpt.npz"
-        matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt, chunk_size=args.chunk_size,
-                                progress=not args.quiet)
+        if args.approx is not None:
+            from .scoring.approx import score_memories_hierarchical, score_memories_windowed
+
+            if args.approx == "hierarchical":
+                matrix = score_memories_hierarchical(ctx, sess.scorer, group_size=args.group_size)
+                estimated = f"{len(matrix.meta['estimated_keys'])} rows estimated"
+            else:
+                matrix = score_memories_windowed(ctx, sess.scorer, window=args.window)
+                estimated = f"{matrix.meta['estimated_cells']} cells estimated"
+            meta = matrix.meta
+            print(f"approximate ({args.approx}): {meta['calls']} of {meta['exact_calls']} calls, "
+                  f"{meta['prompt_tokens_sent']:,} of {meta['exact_prompt_tokens']:,} prompt "
+                  f"tokens; {estimated}", file=sys.stderr)
+        else:
+            matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt,
+                                    chunk_size=args.chunk_size, progress=not args.quiet)
     from .analysis.charts import heatmap
     from .analysis.export import export_matrix, save_chart
 
@@ -327,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
                     help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.add_argument("--approx", choices=["windowed", "hierarchical"], default=None,
+                    help="approximate matrix (labelled approximate; no checkpoint): windowed = "
+                         "each memory's cells exact for the --window responses after it, later "
+                         "ones estimated 0; hierarchical = ablate groups of adjacent memories, "
+                         "descend only where they matter")
+    sc.add_argument("--window", type=_int_at_least(1), default=4, metavar="N",
+                    help="with --approx windowed: responses scored after each memory (default 4)")
+    sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
+                    help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_server(sc)
     sc.set_defaults(func=cmd_score)
 

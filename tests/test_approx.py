@@ -1,4 +1,4 @@
-"""Approximate (hierarchical) matrices against the exact one, on the embedded server."""
+"""Approximate (hierarchical, windowed) matrices against the exact one, on the embedded server."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from scoring_kit._exceptions import ScoringError
 from scoring_kit.backends.http import ScoreClient
 from scoring_kit.context.io import load_context
 from scoring_kit.context.model import ContextState
 from scoring_kit.scoring import score_memories
-from scoring_kit.scoring.approx import score_memories_hierarchical
+from scoring_kit.scoring.approx import score_memories_hierarchical, score_memories_windowed
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -47,3 +48,58 @@ def test_hierarchical_finds_what_exact_finds(ctx: ContextState, server_url: str)
         col = exact.divergence[:, j]
         if col.max() > 2.0:
             assert approx.divergence[int(col.argmax()), j] == pytest.approx(col.max(), abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def exact(ctx: ContextState, server_url: str) -> Any:
+    c = ScoreClient(server_url)
+    try:
+        return score_memories(ctx, c, progress=False)
+    finally:
+        asyncio.run(c.aclose())
+
+
+def test_windowed_cells_are_exact_inside_the_window(
+    ctx: ContextState, exact: Any, server_url: str
+) -> None:
+    c = ScoreClient(server_url)
+    try:
+        approx = score_memories_windowed(ctx, c, window=2)
+    finally:
+        asyncio.run(c.aclose())
+    assert approx.approximate and approx.method == "windowed" and approx.keys == exact.keys
+    meta = approx.meta
+    assert meta["window"] == 2 and meta["calls"] <= meta["exact_calls"] == 9
+    assert meta["prompt_tokens_sent"] < meta["exact_prompt_tokens"]
+    np.testing.assert_allclose(approx.baseline, exact.baseline, atol=1e-3)
+    inside = 0
+    for i, k in enumerate(approx.keys):
+        a, b = meta["window_entries"][k]
+        assert np.count_nonzero((approx.entries >= a) & (approx.entries < b)) <= 2  # window
+        known = approx.entries < b  # the window, and the responses before the memory
+        np.testing.assert_allclose(approx.without[i, known], exact.without[i, known],
+                                   atol=1e-3, err_msg=k)
+        assert np.all(approx.divergence[i, ~known] == 0)  # estimated: no divergence
+        inside += int(known.sum())
+    assert meta["estimated_cells"] == approx.divergence.size - inside
+    # the sample's memory-dependent answers sit right after their memories: all found
+    for j in range(exact.shape[1]):
+        col = exact.divergence[:, j]
+        if col.max() > 5.0 and exact.keys[int(col.argmax())] != "identity:melanie":
+            assert approx.divergence[int(col.argmax()), j] == pytest.approx(col.max(), abs=1e-3)
+
+
+def test_windowed_with_a_window_past_the_end_is_exact(
+    ctx: ContextState, exact: Any, server_url: str
+) -> None:
+    c = ScoreClient(server_url)
+    try:
+        full = score_memories_windowed(ctx, c, window=len(ctx.conversation))
+        with pytest.raises(ScoringError, match="window must be >= 1 response, got 0"):
+            score_memories_windowed(ctx, c, window=0)
+        with pytest.raises(ScoringError, match="memory 'nope' is not in the context"):
+            score_memories_windowed(ctx, c, keys=["nope"])
+    finally:
+        asyncio.run(c.aclose())
+    assert full.meta["estimated_cells"] == 0
+    np.testing.assert_allclose(full.without, exact.without, atol=1e-3)

@@ -118,10 +118,12 @@ def test_help_exits_0_and_explains_every_option(
           "--quiet"], "{bad}:2, field 'role'"),
         (["score", "{sample}", "--out", "{tmp}/file.txt", "--server", "{server}",
           "--backend", "score"], "{tmp}/file.txt"),
+        (["score", "{sample}", "--out", "{tmp}/o", "--approx", "magic"],
+         "argument --approx: invalid choice: 'magic'"),
     ],
     ids=["unknown-subcommand", "no-subcommand", "missing-required-option",
          "missing-conversation", "unknown-option", "bad-conversation-render",
-         "bad-conversation-score", "out-is-a-file"],
+         "bad-conversation-score", "out-is-a-file", "unknown-approx"],
 )
 def test_bad_usage_exits_2_with_one_clear_line(
     argv: list[str], says: str, bad_conversation: Path, server_url: str, tmp_path: Path,
@@ -216,6 +218,28 @@ def test_score_writes_matrix_parquet_and_heatmaps(
     for i, key in enumerate(m.keys):
         wp = small_ctx.wire_prompt(skip=skip_key(key))
         np.testing.assert_allclose(m.without[i], engine.score(wp.tokens, wp.ranges), atol=1e-4)
+
+
+def test_score_approx_is_labelled_and_reports_its_cost(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    res = run_cli(["score", SAMPLE, "--out", out, "--server", server_url, "--quiet",
+                   "--approx", "hierarchical", "--group-size", "4"], capsys)
+    assert res.code == 0, res.err
+    assert res.out.startswith("scored 8 memories x 13 responses")
+    line = res.err.strip().splitlines()[-1]
+    assert line.startswith("approximate (hierarchical): ") and " of 9 calls, " in line, line
+    m = MemoryMatrix.load(out / "matrix.parquet")
+    assert m.approximate and m.method == "hierarchical"
+    assert m.meta["calls"] >= 1 and m.meta["group_size"] == 4
+    assert MemoryMatrix.load(out / "matrix.npz").approximate
+    res = run_cli(["score", SAMPLE, "--out", out, "--server", server_url, "--quiet",
+                   "--approx", "windowed", "--window", "1"], capsys)
+    assert res.code == 0, res.err
+    assert "approximate (windowed): " in res.err and " cells estimated" in res.err
+    m = MemoryMatrix.load(out / "matrix.parquet")
+    assert m.approximate and m.method == "windowed" and m.meta["window"] == 1
 
 
 def test_score_exits_1_when_the_server_refuses_some_rows(

@@ -79,16 +79,21 @@ _SESSION_DATE = re.compile(r"(\d{1,2})\s+([A-Za-z]+),?\s+(\d{4})")
 
 
 def default_locomo_path() -> Path:
-    """Where ``locomo10.json`` is looked for when no path is given.
+    """Where LoCoMo data is looked for when no path is given.
 
-    ``$SCORING_KIT_LOCOMO`` if set, else ``<repo>/../shared/data/locomo/locomo10.json``
-    (the repository root is the folder holding the ``scoring_kit`` package).
+    ``$SCORING_KIT_LOCOMO`` if set; else the derived copy committed with the repository,
+    ``<repo>/data/locomo/locomo10_memories.json`` (memory fields of all 10 conversations: the
+    same cases as the full file); else ``<repo>/../shared/data/locomo/locomo10.json``. The
+    repository root is the folder holding the ``scoring_kit`` package. When none exists the
+    committed path is returned, so the error names it.
     """
     env = os.environ.get(LOCOMO_ENV)
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parents[2]
-    return Path(repo_root).parent / "shared/data/locomo/locomo10.json"
+    bundled = repo_root / "data" / "locomo" / "locomo10_memories.json"
+    shared = repo_root.parent / "shared" / "data" / "locomo" / "locomo10.json"
+    return next((p for p in (bundled, shared) if p.is_file()), bundled)
 
 
 def load_locomo(path: PathLike | None = None) -> list[dict[str, Any]]:

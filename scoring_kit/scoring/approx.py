@@ -10,6 +10,16 @@ what the exact run would spend.
 With a ``proxy`` scorer (a cheaper model of the same tokenizer), the whole hierarchical
 search runs on the proxy and only the memories it found are re-scored exactly on the target
 (AttriBoT's proxy pruning + rescoring).
+
+The windowed mode is the seed's own approximation (its single and incremental modes score a
+window of responses after a memory) applied to the whole matrix: memory ``i`` is removed from
+the prompt *truncated after the* ``window``-*th response following its first appearance*. A
+causal model's scores for the responses inside that window are then exactly the leave-one-out
+cells (the full context before them is unchanged), at the cost of the window's tokens only;
+cells after the window are estimated as no divergence and listed in ``meta``. It trades
+long-range dependence (an identity memory that shapes an answer far later) for cost; it is
+most useful when memories are retrieved just before the answers that use them, as in a
+running agent.
 """
 
 from __future__ import annotations
@@ -27,8 +37,18 @@ from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, memory_key
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories
+from .windows import _first_position, nth_response_end
 
-__all__ = ["ascore_memories_hierarchical", "score_memories_hierarchical"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "ascore_memories_hierarchical",
+    "ascore_memories_windowed",
+    "score_memories_hierarchical",
+    "score_memories_windowed",
+]
+
+#: Responses after a memory's first appearance that the windowed mode scores exactly.
+DEFAULT_WINDOW = 4
 
 
 def _skip_keys(keys: Sequence[str]) -> Any:
@@ -213,6 +233,88 @@ async def ascore_memories_hierarchical(
         }
     )
     return mat
+
+
+async def ascore_memories_windowed(
+    ctx: ContextState,
+    scorer: Scorer,
+    *,
+    window: int = DEFAULT_WINDOW,
+    keys: Sequence[str] | None = None,
+    priority: int | None = DEFAULT_PRIORITY,
+) -> MemoryMatrix:
+    """Approximate N×M matrix: exact cells for the ``window`` responses after each memory.
+
+    Memory ``i`` is ablated from the prompt truncated after the ``window``-th assistant
+    response at or after its first position (identity memories: conversation entry 0); those
+    responses' cells equal the exact leave-one-out cells (and so do those of the responses
+    before it, which cannot depend on it), every later cell is estimated as no divergence.
+    One baseline call plus one shorter call per memory (none for a memory that no response
+    follows). A failed call is a NaN row with its error, as in the exact matrix.
+
+    Returns
+    -------
+    MemoryMatrix
+        ``method="windowed"``, ``approximate=True``; ``meta`` holds ``window``, per key the
+        half-open conversation ``window_entries`` it scored, ``estimated_cells``, the calls
+        and prompt tokens spent against the exact run.
+    """
+    if window < 1:
+        raise ScoringError(f"window must be >= 1 response, got {window}")
+    mem_keys = list(keys) if keys is not None else ctx.memory_keys()
+    base_wp = ctx.wire_prompt()
+    entries = np.asarray(base_wp.entries, dtype=np.int64)
+    col = {int(e): j for j, e in enumerate(base_wp.entries)}
+    spans: dict[str, tuple[int, int]] = {}
+    reqs = [base_wp.request(priority=priority)]
+    asked: list[str] = []
+    for k in mem_keys:
+        pos = _first_position(ctx, k)
+        if pos is None:
+            raise ScoringError(f"memory {k!r} is not in the context")
+        end, _ = nth_response_end(ctx.conversation, pos, window)
+        spans[k] = (pos, end)
+        if any(pos <= e < end for e in col):
+            reqs.append(ctx.wire_prompt(range(0, end), skip=_skip_keys([k])).request(
+                priority=priority))
+            asked.append(k)
+    outs = await scorer.score_batch(reqs)
+    if isinstance(outs[0], BaseException):
+        raise outs[0]
+    baseline: FloatArray = outs[0]
+    without = np.repeat(baseline[None, :], len(mem_keys), axis=0)
+    errors: list[str | None] = [None] * len(mem_keys)
+    for k, out in zip(asked, outs[1:], strict=True):
+        i = mem_keys.index(k)
+        sub = ctx.wire_prompt(range(0, spans[k][1]), skip=_skip_keys([k]))
+        cols = [col[int(e)] for e in sub.entries]
+        if isinstance(out, BaseException):
+            without[i], errors[i] = np.nan, str(out) or type(out).__name__
+        else:
+            without[i, cols] = out
+    # a response before a memory cannot depend on it: those cells are exact (no divergence)
+    # whether or not they were sent; only the cells after a memory's window are estimated
+    estimated = int(sum(np.count_nonzero(entries >= spans[k][1]) for k in mem_keys))
+    exact_tokens = len(base_wp) + sum(
+        len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in mem_keys)
+    meta = {
+        "window": window,
+        "window_entries": {k: list(v) for k, v in spans.items()},
+        "estimated_cells": estimated,
+        "calls": len(reqs),
+        "exact_calls": len(mem_keys) + 1,
+        "prompt_tokens_sent": int(sum(len(r.prompt) for r in reqs)),
+        "exact_prompt_tokens": int(exact_tokens),
+    }
+    return MemoryMatrix(keys=mem_keys, entries=entries, baseline=baseline, without=without,
+                        errors=errors, method="windowed", approximate=True, meta=meta)
+
+
+def score_memories_windowed(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
+    """Synchronous :func:`ascore_memories_windowed`."""
+    from .._sync import run_sync
+
+    return run_sync(ascore_memories_windowed(ctx, scorer, **kwargs))
 
 
 def _computed(scorer: Scorer) -> int:
