@@ -36,3 +36,20 @@ def server(engine: Any) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def server_url(server: Any) -> str:
     return str(server.url)
+
+
+@pytest.fixture(scope="session")
+def sample_matrix(tokenizer: Any, server_url: str) -> Any:
+    """The exact matrix of ``data/sample_conversation.jsonl``, scored once over HTTP."""
+    import asyncio
+
+    from scoring_kit.backends.http import ScoreClient
+    from scoring_kit.context.io import load_context
+    from scoring_kit.scoring import score_memories
+
+    ctx = load_context(DATA / "sample_conversation.jsonl", tokenizer)
+    c = ScoreClient(server_url)
+    try:
+        return score_memories(ctx, c, progress=False)
+    finally:
+        asyncio.run(c.aclose())

@@ -13,7 +13,6 @@ from scoring_kit._exceptions import ScoringError
 from scoring_kit.backends.http import ScoreClient
 from scoring_kit.context.io import load_context
 from scoring_kit.context.model import ContextState
-from scoring_kit.scoring import score_memories
 from scoring_kit.scoring.approx import score_memories_hierarchical, score_memories_windowed
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -24,10 +23,16 @@ def ctx(tokenizer: Any) -> ContextState:
     return load_context(DATA / "sample_conversation.jsonl", tokenizer)
 
 
-def test_hierarchical_finds_what_exact_finds(ctx: ContextState, server_url: str) -> None:
+@pytest.fixture(scope="module")
+def exact(sample_matrix: Any) -> Any:
+    return sample_matrix
+
+
+def test_hierarchical_finds_what_exact_finds(
+    ctx: ContextState, exact: Any, server_url: str
+) -> None:
     c = ScoreClient(server_url)
     try:
-        exact = score_memories(ctx, c, progress=False)
         approx = score_memories_hierarchical(ctx, c, group_size=4, descend_threshold=2.0,
                                              top_groups=0)
     finally:
@@ -48,15 +53,6 @@ def test_hierarchical_finds_what_exact_finds(ctx: ContextState, server_url: str)
         col = exact.divergence[:, j]
         if col.max() > 2.0:
             assert approx.divergence[int(col.argmax()), j] == pytest.approx(col.max(), abs=1e-3)
-
-
-@pytest.fixture(scope="module")
-def exact(ctx: ContextState, server_url: str) -> Any:
-    c = ScoreClient(server_url)
-    try:
-        return score_memories(ctx, c, progress=False)
-    finally:
-        asyncio.run(c.aclose())
 
 
 def test_windowed_cells_are_exact_inside_the_window(

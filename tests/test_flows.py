@@ -56,12 +56,8 @@ def client(server_url: str) -> Iterator[ScoreClient]:
 
 
 @pytest.fixture(scope="module")
-def matrix(ctx: ContextState, server_url: str) -> MemoryMatrix:
-    c = ScoreClient(server_url)
-    try:
-        return score_memories(ctx, c, progress=False)
-    finally:
-        asyncio.run(c.aclose())
+def matrix(sample_matrix: MemoryMatrix) -> MemoryMatrix:
+    return sample_matrix
 
 
 def msgs(*pairs: tuple[str, str], **keys: str) -> list[dict[str, str]]:
