@@ -710,3 +710,34 @@ def test_no_real_sleep_happens() -> None:
     t0 = time.perf_counter()
     asyncio.run(client.score(REQ))
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_approximate_matrices_record_failed_rows_as_nan_never_zero() -> None:
+    """Every ablation call of a windowed / hierarchical run fails with 503 after retries:
+    each affected row is NaN with its error, and the baseline (which succeeded) is kept."""
+    from pathlib import Path
+
+    from scoring_kit.context.io import load_context
+    from scoring_kit.scoring.approx import score_memories_hierarchical, score_memories_windowed
+
+    ctx = load_context(Path(__file__).resolve().parents[1] / "data"
+                       / "sample_conversation.tokens.jsonl")
+    full = len(ctx.wire_prompt())
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if len(body["prompt"]) == full:  # the baseline
+            return httpx.Response(200, json=scores_body(len(body["score_ranges"])))
+        return httpx.Response(503, text="overloaded")
+
+    for run in (lambda c: score_memories_windowed(ctx, c, window=2),
+                lambda c: score_memories_hierarchical(ctx, c, group_size=1)):
+        client = make(handler, max_attempts=2)
+        try:
+            m = run(client)
+        finally:
+            asyncio.run(client.aclose())
+        assert m.approximate and m.failed == m.keys
+        assert np.isnan(m.without).all() and np.isnan(m.divergence).all()
+        assert all(e is not None and "503" in e for e in m.errors), m.errors
+        assert np.isfinite(m.baseline).all()
