@@ -50,6 +50,7 @@ from scoring_kit.evaluation.cases import default_locomo_path  # noqa: E402
 from scoring_kit.scoring.approx import (  # noqa: E402
     score_memories_hierarchical,
     score_memories_windowed,
+    top_k_recall,
 )
 from scoring_kit.scoring.divergence import divergence  # noqa: E402
 from scoring_kit.scoring.matrix import MemoryMatrix, score_memories  # noqa: E402
@@ -195,24 +196,6 @@ def seed_way(engine: Engine, ctx: ContextState) -> MemoryMatrix:
     w = np.stack(rows)
     return MemoryMatrix(ctx.memory_keys(), np.asarray(base.entries), b, w,
                         [None] * len(rows))
-
-
-def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
-    """(overall top-k recall by memory weight, mean per-response top-k recall)."""
-    ew, aw = exact.memory_weights, np.nan_to_num(approx.memory_weights)
-    top_e = set(np.argsort(-ew, kind="stable")[:k].tolist())
-    top_a = set(np.argsort(-aw, kind="stable")[:k].tolist())
-    overall = len(top_e & top_a) / len(top_e)
-    per = []
-    ed, ad = exact.divergence, np.nan_to_num(approx.divergence)
-    for j in range(ed.shape[1]):
-        col = ed[:, j]
-        relevant = [i for i in np.argsort(-col, kind="stable")[:k] if col[i] > 0.01]
-        if not relevant:
-            continue
-        got = set(np.argsort(-ad[:, j], kind="stable")[:k].tolist())
-        per.append(len(set(relevant) & got) / len(relevant))
-    return overall, float(np.mean(per)) if per else 1.0
 
 
 def bench_assembly(repeats: int = 7) -> float:

@@ -13,7 +13,12 @@ from scoring_kit._exceptions import ScoringError
 from scoring_kit.backends.http import ScoreClient
 from scoring_kit.context.io import load_context
 from scoring_kit.context.model import ContextState
-from scoring_kit.scoring.approx import score_memories_hierarchical, score_memories_windowed
+from scoring_kit.scoring.approx import (
+    score_memories_hierarchical,
+    score_memories_windowed,
+    top_k_recall,
+)
+from scoring_kit.scoring.matrix import MemoryMatrix
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -99,3 +104,25 @@ def test_windowed_with_a_window_past_the_end_is_exact(
         asyncio.run(c.aclose())
     assert full.meta["estimated_cells"] == 0
     np.testing.assert_allclose(full.without, exact.without, atol=1e-3)
+
+
+def test_top_k_recall_on_hand_made_matrices() -> None:
+    keys = ["a", "b", "c", "d"]
+    base = np.zeros(3)
+    # exact: a leans on response 0, b on 1, c on 2 (d matters nowhere)
+    exact = MemoryMatrix(keys, np.arange(3), base,
+                         -np.array([[5, 0, 0], [0, 4, 0], [0, 0, 3], [0, 0, 0]], float),
+                         [None] * 4)
+    same = MemoryMatrix(keys, np.arange(3), base, exact.without.copy(), [None] * 4)
+    assert top_k_recall(exact, same, k=1) == (1.0, 1.0)
+    # approx misses c (estimated 0) and puts d there instead; a failed row (NaN) counts as 0
+    w = exact.without.copy()
+    w[2] = 0.0
+    w[3] = [0, 0, -1]
+    w[1] = np.nan
+    approx = MemoryMatrix(keys, np.arange(3), base, w, [None, "boom", None, None])
+    overall, per = top_k_recall(exact, approx, k=3)
+    assert overall == pytest.approx(1 / 3)  # of {a, b, c} only a is in approx's {a, d}
+    assert per == pytest.approx(1 / 3)  # response 0 found, 1 and 2 missed
+    with pytest.raises(ScoringError, match="matrices differ in shape or keys"):
+        top_k_recall(exact, MemoryMatrix(keys[:3], np.arange(3), base, w[:3], [None] * 3))

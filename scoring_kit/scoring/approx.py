@@ -45,6 +45,7 @@ __all__ = [
     "ascore_memories_windowed",
     "score_memories_hierarchical",
     "score_memories_windowed",
+    "top_k_recall",
 ]
 
 #: Responses after a memory's first appearance that the windowed mode scores exactly.
@@ -267,27 +268,24 @@ async def ascore_memories_windowed(
     col = {int(e): j for j, e in enumerate(base_wp.entries)}
     spans: dict[str, tuple[int, int]] = {}
     reqs = [base_wp.request(priority=priority)]
-    asked: list[str] = []
-    for k in mem_keys:
+    asked: list[tuple[int, list[int]]] = []  # (row, columns its prompt scores)
+    for i, k in enumerate(mem_keys):
         pos = _first_position(ctx, k)
         if pos is None:
             raise ScoringError(f"memory {k!r} is not in the context")
         end, _ = nth_response_end(ctx.conversation, pos, window)
         spans[k] = (pos, end)
         if any(pos <= e < end for e in col):
-            reqs.append(ctx.wire_prompt(range(0, end), skip=_skip_keys([k])).request(
-                priority=priority))
-            asked.append(k)
+            sub = ctx.wire_prompt(range(0, end), skip=_skip_keys([k]))
+            reqs.append(sub.request(priority=priority))
+            asked.append((i, [col[int(e)] for e in sub.entries]))
     outs = await scorer.score_batch(reqs)
     if isinstance(outs[0], BaseException):
         raise outs[0]
     baseline: FloatArray = outs[0]
     without = np.repeat(baseline[None, :], len(mem_keys), axis=0)
     errors: list[str | None] = [None] * len(mem_keys)
-    for k, out in zip(asked, outs[1:], strict=True):
-        i = mem_keys.index(k)
-        sub = ctx.wire_prompt(range(0, spans[k][1]), skip=_skip_keys([k]))
-        cols = [col[int(e)] for e in sub.entries]
+    for (i, cols), out in zip(asked, outs[1:], strict=True):
         if isinstance(out, BaseException):
             without[i], errors[i] = np.nan, str(out) or type(out).__name__
         else:
@@ -315,6 +313,35 @@ def score_memories_windowed(ctx: ContextState, scorer: Scorer, **kwargs: Any) ->
     from .._sync import run_sync
 
     return run_sync(ascore_memories_windowed(ctx, scorer, **kwargs))
+
+
+def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
+    """How well ``approx`` finds what ``exact`` finds: ``(overall, per_response)``.
+
+    A top-``k`` set holds the ``k`` heaviest memories whose value is above 0.01 (a memory
+    that matters nowhere is never "found"); NaN counts as 0. ``overall``: the share of the
+    exact matrix's top ``k`` by memory weight that is in the approximate matrix's.
+    ``per_response``: the same per response column, averaged over the responses whose
+    exact set is not empty (1.0 when none is).
+    """
+    if exact.keys != approx.keys or exact.shape != approx.shape:
+        msg = (f"matrices differ in shape or keys: exact {exact.shape}, approximate "
+               f"{approx.shape}")
+        raise ScoringError(msg)
+    if k < 1:
+        raise ScoringError(f"k must be >= 1, got {k}")
+    def top(values: FloatArray) -> set[int]:
+        v = np.nan_to_num(values)
+        return {int(i) for i in np.argsort(-v, kind="stable")[:k] if v[i] > 0.01}
+
+    top_e = top(exact.memory_weights)
+    overall = len(top_e & top(approx.memory_weights)) / len(top_e) if top_e else 1.0
+    per: list[float] = []
+    for j in range(exact.shape[1]):
+        relevant = top(exact.divergence[:, j])
+        if relevant:
+            per.append(len(relevant & top(approx.divergence[:, j])) / len(relevant))
+    return overall, float(np.mean(per)) if per else 1.0
 
 
 def _computed(scorer: Scorer) -> int:
