@@ -130,33 +130,23 @@ def _assemble(
         picked.append(m)
         used += cost
     pairs = [picked[i : i + 2] for i in range(0, len(picked), 2)]
-    out = list(head)
-    if layout == "even":
-        every = max(1, len(pairs) // max(1, len(memories)))
-        mi = 0
-        for pi, p in enumerate(pairs):
-            if pi % every == 0 and mi < len(memories):
-                out += qa(*memories[mi])
-                mi += 1
-            out += p
-        for k, f in memories[mi:]:
-            out += qa(k, f)
-    elif layout == "late":
-        cut = int(len(pairs) * 2 / 3)
-        for p in pairs[:cut]:
-            out += p
-        rest = pairs[cut:]
-        every = max(1, len(rest) // max(1, len(memories))) if rest else 1
-        mi = 0
-        for pi, p in enumerate(rest):
-            if pi % every == 0 and mi < len(memories):
-                out += qa(*memories[mi])
-                mi += 1
-            out += p
-        for k, f in memories[mi:]:
-            out += qa(k, f)
-    else:
+    if layout not in ("even", "late"):
         raise ValueError(f"unknown layout {layout!r}")
+    # even: memories interleaved from the start; late: only in the last third
+    cut = 0 if layout == "even" else int(len(pairs) * 2 / 3)
+    out = list(head)
+    for p in pairs[:cut]:
+        out += p
+    rest = pairs[cut:]
+    every = max(1, len(rest) // max(1, len(memories)))
+    mi = 0
+    for pi, p in enumerate(rest):
+        if pi % every == 0 and mi < len(memories):
+            out += qa(*memories[mi])
+            mi += 1
+        out += p
+    for k, f in memories[mi:]:
+        out += qa(k, f)
     return context_from_messages(out, tokenizer)
 
 

@@ -320,14 +320,15 @@ async def _totals(
 
 
 # ── base methods ──────────────────────────────────────────────────
+def _flip_each(n: int, *, keep: bool) -> list[BoolArray]:
+    """The mask with every memory ``keep``, then one per memory with only that one flipped."""
+    base = np.full(n, keep, dtype=bool)
+    return [base, *np.logical_xor(base, np.eye(n, dtype=bool))]
+
+
 async def _loo(scorer: Scorer, case: PreparedCase, rng: np.random.Generator) -> MethodOutput:
     n = case.n_memories
-    full = np.ones(n, dtype=bool)
-    masks = [full]
-    for i in range(n):
-        m = full.copy()
-        m[i] = False
-        masks.append(m)
+    masks = _flip_each(n, keep=True)
     labels = ["full", *(f"without {k}" for k in case.keys)]
     t = await _totals(scorer, case, masks, labels, "loo")
     baseline, without = t[:1], t[1:].reshape(n, 1)
@@ -345,12 +346,7 @@ async def _sufficiency(
     scorer: Scorer, case: PreparedCase, rng: np.random.Generator
 ) -> MethodOutput:
     n = case.n_memories
-    empty = np.zeros(n, dtype=bool)
-    masks = [empty]
-    for i in range(n):
-        m = empty.copy()
-        m[i] = True
-        masks.append(m)
+    masks = _flip_each(n, keep=False)
     labels = ["no memories", *(f"only {k}" for k in case.keys)]
     t = await _totals(scorer, case, masks, labels, "sufficiency")
     return MethodOutput(

@@ -34,7 +34,7 @@ import numpy as np
 from .._exceptions import ScoringError
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
-from ..context.model import ContextState, Node, memory_key
+from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories
 from .windows import _first_position, nth_response_end
@@ -60,6 +60,17 @@ def _skip_keys(keys: Sequence[str]) -> Any:
         return k is not None and k in wanted
 
     return skip
+
+
+def _ablation_lengths(ctx: ContextState, base: WirePrompt, keys: Sequence[str]) -> dict[str, int]:
+    """Prompt length of each single-memory ablation of ``base``, read off its node spans
+    (removing a memory removes exactly the top-level nodes that hold its key)."""
+    removed = dict.fromkeys(keys, 0)
+    for s in base.spans:
+        k = memory_key(ctx.section(s.section)[s.index])
+        if k is not None and k in removed:
+            removed[k] += s.end - s.start
+    return {k: len(base) - r for k, r in removed.items()}
 
 
 def _split(keys: list[str], parts: int) -> list[list[str]]:
@@ -192,8 +203,10 @@ async def ascore_memories_hierarchical(
     gs = group_size or max(1, math.ceil(math.sqrt(len(mem_keys))))
     if gs < 1:
         raise ScoringError(f"group_size must be >= 1, got {gs}")
-    base_len = len(ctx.wire_prompt())
-    exact_tokens = base_len + sum(len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in mem_keys)
+    base_wp = ctx.wire_prompt()
+    base_len = len(base_wp)
+    ablated_len = _ablation_lengths(ctx, base_wp, mem_keys)
+    exact_tokens = base_len + sum(ablated_len.values())
     search = proxy if proxy is not None else scorer
     before = _computed(search) + (_computed(scorer) if proxy is not None else 0)
     mat, info = await _hierarchical(
@@ -217,7 +230,7 @@ async def ascore_memories_hierarchical(
         info["estimated_keys"] = [k for k in mem_keys if k not in exact.keys]
         info["calls"] += exact.shape[0] + 1
         info["proxy_search_calls"] = info["calls"] - exact.shape[0] - 1
-        sent += base_len + sum(len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in exact.keys)
+        sent += base_len + sum(ablated_len[k] for k in exact.keys)
         mat = MemoryMatrix(
             keys=mem_keys, entries=exact.entries, baseline=exact.baseline, without=without,
             errors=errors, method="hierarchical+proxy", approximate=True, meta=info,
@@ -276,7 +289,7 @@ async def ascore_memories_windowed(
         end, _ = nth_response_end(ctx.conversation, pos, window)
         spans[k] = (pos, end)
         if any(pos <= e < end for e in col):
-            sub = ctx.wire_prompt(range(0, end), skip=_skip_keys([k]))
+            sub = ctx.wire_prompt(range(0, end), skip=skip_key(k))
             reqs.append(sub.request(priority=priority))
             asked.append((i, [col[int(e)] for e in sub.entries]))
     outs = await scorer.score_batch(reqs)
@@ -293,8 +306,7 @@ async def ascore_memories_windowed(
     # a response before a memory cannot depend on it: those cells are exact (no divergence)
     # whether or not they were sent; only the cells after a memory's window are estimated
     estimated = int(sum(np.count_nonzero(entries >= spans[k][1]) for k in mem_keys))
-    exact_tokens = len(base_wp) + sum(
-        len(ctx.wire_prompt(skip=_skip_keys([k]))) for k in mem_keys)
+    exact_tokens = len(base_wp) + sum(_ablation_lengths(ctx, base_wp, mem_keys).values())
     meta = {
         "window": window,
         "window_entries": {k: list(v) for k, v in spans.items()},
