@@ -1,0 +1,70 @@
+"""The benchmark script's premises (its timings are not tested: they live in benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from scoring_kit.context.model import skip_key
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_matrix.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_matrix", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_matrix", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def layouts(bench: ModuleType, tokenizer: Any) -> dict[str, Any]:
+    return {
+        layout: bench.build_conversation(
+            layout, n_memories=21, target_tokens=2048, tokenizer=tokenizer, locomo=bench.LOCOMO
+        )
+        for layout in ("even", "late")
+    }
+
+
+def test_layouts_meet_the_issue_sizes_and_differ_only_in_order(
+    bench: ModuleType, layouts: dict[str, Any]
+) -> None:
+    even, late = layouts["even"], layouts["late"]
+    for ctx in (even, late):
+        assert len(ctx.wire_prompt()) >= 2048
+        assert len(ctx.memory_keys()) == 21
+    assert sorted(even.memory_keys()) == sorted(late.memory_keys())
+    # the premise of timing the seed's way once: both layouts have the same prompt lengths
+    assert bench.seed_shape(even) == bench.seed_shape(late)
+    assert even.wire_prompt().tokens.tolist() != late.wire_prompt().tokens.tolist()
+
+
+def test_exact_minimum_counts_suffixes_after_each_memory(
+    bench: ModuleType, layouts: dict[str, Any]
+) -> None:
+    ctx = layouts["late"]
+    base = ctx.wire_prompt()
+    seed, minimum = bench.exact_minimum(ctx)
+    assert seed == len(base) + sum(len(ctx.wire_prompt(skip=skip_key(k))) for k in ctx.memory_keys())
+    # late layout: every memory sits in the last third, so each suffix is under a third of L
+    assert len(base) < minimum < len(base) * (1 + len(ctx.memory_keys()) / 3 + 0.05)
+    assert seed / minimum > 2.5
+
+
+@pytest.mark.parametrize("window", ["0", "x", ",", "2,-1"])
+def test_bad_window_list_is_refused_before_loading_a_model(
+    bench: ModuleType, window: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--window", window])
+    assert exc.value.code == 2
+    assert "--window" in capsys.readouterr().err
