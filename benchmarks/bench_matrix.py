@@ -53,6 +53,7 @@ from scoring_kit.context.model import ContextState, skip_key  # noqa: E402
 from scoring_kit.engine.engine import Engine  # noqa: E402
 from scoring_kit.evaluation.cases import default_locomo_path  # noqa: E402
 from scoring_kit.scoring.approx import (  # noqa: E402
+    _ablation_lengths,
     score_memories_hierarchical,
     score_memories_windowed,
     top_k_recall,
@@ -181,16 +182,17 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def seed_way(engine: Engine, ctx: ContextState) -> MemoryMatrix:
+def seed_way(engine: Engine, ctx: ContextState, keys: list[str] | None = None) -> MemoryMatrix:
+    """The seed's matrix (all memories, or the rows of ``keys``): one full prefill per call."""
+    keys = ctx.memory_keys() if keys is None else keys
     base = ctx.wire_prompt()
     b = engine.score_naive(base.tokens.tolist(), base.ranges)
     rows = []
-    for k in ctx.memory_keys():
+    for k in keys:
         wp = ctx.wire_prompt(skip=skip_key(k))
         rows.append(engine.score_naive(wp.tokens.tolist(), wp.ranges))
     w = np.stack(rows)
-    return MemoryMatrix(ctx.memory_keys(), np.asarray(base.entries), b, w,
-                        [None] * len(rows))
+    return MemoryMatrix(keys, np.asarray(base.entries), b, w, [None] * len(rows))
 
 
 def bench_assembly(repeats: int = 7) -> float:
@@ -209,8 +211,9 @@ def bench_assembly(repeats: int = 7) -> float:
 
 def seed_shape(ctx: ContextState) -> tuple[int, ...]:
     """Prompt lengths of the seed's N + 1 calls: all its cost depends on (dense full passes)."""
-    lengths = [len(ctx.wire_prompt(skip=skip_key(k))) for k in ctx.memory_keys()]
-    return (len(ctx.wire_prompt()), *sorted(lengths))
+    base = ctx.wire_prompt()
+    lengths = _ablation_lengths(ctx, base, ctx.memory_keys()).values()
+    return (len(base), *sorted(lengths))
 
 
 def run_layout(
@@ -229,7 +232,6 @@ def run_layout(
     print(f"\n== {layout}: {L} tokens, {n} memories, {m} responses; seed computes "
           f"{seed_tokens} tokens, exact-LOO minimum {minimum} -> speedup bound {bound:.2f}x")
 
-    engine.clear_cache()
     def raw_pass() -> FloatArray:
         engine.clear_cache()
         return engine.score(base.tokens.tolist(), base.ranges)
@@ -263,11 +265,11 @@ def run_layout(
             "exact and seed matrices differ")
     else:  # spot check: the seed's way on the baseline and the heaviest memory's row
         i = int(np.argmax(exact_m.memory_weights))
-        b = engine.score_naive(base.tokens.tolist(), base.ranges)
-        wp = ctx.wire_prompt(skip=skip_key(exact_m.keys[i]))
-        w = engine.score_naive(wp.tokens.tolist(), wp.ranges)
-        assert np.allclose(exact_m.baseline, b, atol=2e-3), "exact and seed baselines differ"
-        assert np.allclose(exact_m.without[i], w, atol=2e-3), "exact and seed rows differ"
+        spot = seed_way(engine, ctx, keys=[exact_m.keys[i]])
+        assert np.allclose(exact_m.baseline, spot.baseline, atol=2e-3), (
+            "exact and seed baselines differ")
+        assert np.allclose(exact_m.without[i], spot.without[0], atol=2e-3), (
+            "exact and seed rows differ")
 
     row: dict[str, Any] = {
         "prompt_tokens": L, "memories": n, "responses": m,

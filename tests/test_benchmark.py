@@ -45,6 +45,8 @@ def test_layouts_meet_the_issue_sizes_and_differ_only_in_order(
     assert sorted(even.memory_keys()) == sorted(late.memory_keys())
     # the premise of timing the seed's way once: both layouts have the same prompt lengths
     assert bench.seed_shape(even) == bench.seed_shape(late)
+    built = sorted(len(late.wire_prompt(skip=skip_key(k))) for k in late.memory_keys())
+    assert bench.seed_shape(late) == (len(late.wire_prompt()), *built)
     assert even.wire_prompt().tokens.tolist() != late.wire_prompt().tokens.tolist()
 
 
