@@ -2,7 +2,7 @@
 approximate ways, on the embedded engine, in one run.
 
     .venv/bin/python benchmarks/bench_matrix.py            # default: 2.2k+ tokens, 24 memories
-    .venv/bin/python benchmarks/bench_matrix.py --ways seed,exact,window,hier --window 4
+    .venv/bin/python benchmarks/bench_matrix.py --ways seed,exact,window,restated,hier --window 4
     .venv/bin/python benchmarks/bench_matrix.py --repeats 5 --device cuda
 
 Two conversations are built from LoCoMo dialogue (real text) with 24 memories each:
@@ -16,8 +16,11 @@ never used: one in six is followed by a question whose answer restates it. For e
                prefix-KV reuse, logits only at scored rows, batched suffixes on a GPU);
 (c) window   - the windowed approximate mode: each memory ablated only through the
                ``--window`` responses after it (those cells exact, later ones estimated 0);
-(d) hier     - the hierarchical approximate mode (groups first, descend where it matters);
-               slow on these layouts, so only with ``--ways seed,exact,window,hier``.
+(d) restated - the windowed mode with the smallest ``--window``, each memory's window extended
+               through the later responses that restate at least ``--restated`` of its
+               content words (a text-only screen for long-range copying; label ``w1+r0.5``);
+(e) hier     - the hierarchical approximate mode (groups first, descend where it matters);
+               slow on these layouts, so only with ``--ways seed,exact,window,restated,hier``.
 
 The seed's way is N + 1 dense full passes, so its cost depends only on the prompt lengths; the
 two default layouts have the same ones, so it is timed once, on the first (the second layout
@@ -25,7 +28,7 @@ spot-checks its exact matrix against it on the baseline and the heaviest row ins
 ``--seed-every-layout`` times it on each. The script
 prints wall time, speedup over (a), tokens pushed through the model, the exact-LOO
 minimum ``L + sum_i (L - e_i)`` and the speedup bound it implies, engine tokens/s against the
-raw single-pass prefill throughput, and for (c)/(d) top-5 recall against the exact matrix. It also
+raw single-pass prefill throughput, and for (c)-(e) top-5 recall against the exact matrix. It also
 times building a 1000 x 1000 divergence matrix from raw totals. Ratios are what to read: the
 machine is shared and noisy.
 """
@@ -288,13 +291,17 @@ def run_layout(
           f"{exact_fwd / minimum:>8.2f}{exact_fwd / t_exact:>9,.0f}  "
           f"{t_seed / t_exact / bound:.0%} of the bound; "
           f"{exact_fwd / t_exact / raw_tps:.0%} of raw prefill tokens/s")
-    def windowed(w: int) -> Callable[[], MemoryMatrix]:
-        return lambda: score_memories_windowed(ctx, scorer, window=w)
+    def windowed(w: int, restated: float | None = None) -> Callable[[], MemoryMatrix]:
+        return lambda: score_memories_windowed(ctx, scorer, window=w, restated=restated)
 
     approx_ways: list[tuple[str, Callable[[], MemoryMatrix]]] = []
     if "window" in args.ways:
         for w in args.windows:
             approx_ways.append((f"window{w}" if len(args.windows) > 1 else "window", windowed(w)))
+    if "restated" in args.ways:
+        w = min(args.windows)
+        for r in args.shares:
+            approx_ways.append((f"w{w}+r{r:g}", windowed(w, r)))
     if "hier" in args.ways:
         approx_ways.append(("hier", lambda: score_memories_hierarchical(ctx, scorer)))
     for way, fn in approx_ways:
@@ -308,14 +315,19 @@ def run_layout(
         a_fwd = engine.stats.forward_tokens // args.repeats
         rec_overall, rec_per = top_k_recall(exact_m, approx_m, 5)
         window = approx_m.meta.get("window")
+        extended = approx_m.meta.get("extended") or {}
         row[way] = {"s": t_a, "forward_tokens": a_fwd, "speedup": t_seed / t_a,
                     "top5_recall": rec_overall, "top5_recall_per_response": rec_per,
                     "calls": approx_m.meta.get("calls"),
                     "exact_calls": approx_m.meta.get("exact_calls"),
                     "estimated_cells": approx_m.meta.get("estimated_cells"),
-                    "window": window}
+                    "window": window, "restated": approx_m.meta.get("restated"),
+                    "extended_keys": len(extended)}
         what = (f"window {window} response(s)" if window is not None
                 else f"{approx_m.meta.get('calls')} of {approx_m.meta.get('exact_calls')} calls")
+        if approx_m.meta.get("restated") is not None:
+            what += (f", extended for {len(extended)} memories restated (share >= "
+                     f"{approx_m.meta['restated']:g})")
         print(f"{way:<8}{t_a:>9.2f}{t_seed / t_a:>9.2f}{a_fwd:>12,}"
               f"{a_fwd / minimum:>8.2f}{a_fwd / t_a:>9,.0f}  top-5 recall "
               f"{rec_overall:.2f} overall, {rec_per:.2f} per response; {what}")
@@ -327,11 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per measurement of exact and approximate ways (median); 1 keeps "
                          "the default run near 10 minutes on 2 CPU cores")
-    ap.add_argument("--ways", default="seed,exact,window",
-                    help="comma list of seed,exact,window,hier (seed and exact always run)")
+    ap.add_argument("--ways", default="seed,exact,window,restated",
+                    help="comma list of seed,exact,window,restated,hier (seed and exact always "
+                         "run)")
     ap.add_argument("--window", default="1",
                     help="responses after each memory the windowed mode scores; a comma list "
                          "(e.g. 1,2,4) times one windowed run per value (default 1)")
+    ap.add_argument("--restated", default="0.5",
+                    help="with the restated way: the windowed mode with the smallest --window, "
+                         "extended through responses restating at least this share of a "
+                         "memory's content words; a comma list times one run per value "
+                         "(default 0.5)")
     ap.add_argument("--seed-repeats", type=int, default=1,
                     help="runs of the slow seed way (median); default 1 to stay under 10 min")
     ap.add_argument("--seed-every-layout", action="store_true",
@@ -350,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--window takes integers separated by commas, got {args.window!r}")
     if not args.windows or min(args.windows) < 1:
         ap.error(f"--window needs one or more values >= 1, got {args.window!r}")
+    try:
+        args.shares = [float(r) for r in str(args.restated).split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--restated takes shares separated by commas, got {args.restated!r}")
+    if not args.shares or not all(0.0 < r <= 1.0 for r in args.shares):
+        ap.error(f"--restated needs one or more shares in (0, 1], got {args.restated!r}")
 
     t0 = time.perf_counter()
     engine = Engine.load(device=args.device)

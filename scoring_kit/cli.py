@@ -58,6 +58,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < v <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text!r}")
+    return v
+
+
 def _int_at_least(lowest: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -170,8 +180,12 @@ def cmd_score(args: argparse.Namespace) -> int:
                 matrix = score_memories_hierarchical(ctx, sess.scorer, group_size=args.group_size)
                 estimated = f"{len(matrix.meta['estimated_keys'])} rows estimated"
             else:
-                matrix = score_memories_windowed(ctx, sess.scorer, window=args.window)
+                matrix = score_memories_windowed(ctx, sess.scorer, window=args.window,
+                                                 restated=args.restated)
                 estimated = f"{matrix.meta['estimated_cells']} cells estimated"
+                if args.restated is not None:
+                    estimated += (f"; window extended for {len(matrix.meta['extended'])} "
+                                  f"memories restated later")
             meta = matrix.meta
             print(f"approximate ({args.approx}): {meta['calls']} of {meta['exact_calls']} calls, "
                   f"{meta['prompt_tokens_sent']:,} of {meta['exact_prompt_tokens']:,} prompt "
@@ -348,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "descend only where they matter")
     sc.add_argument("--window", type=_int_at_least(1), default=4, metavar="N",
                     help="with --approx windowed: responses scored after each memory (default 4)")
+    sc.add_argument("--restated", type=_share, default=None, metavar="SHARE",
+                    help="with --approx windowed: also score exactly every later response that "
+                         "restates at least this share of a memory's content words "
+                         "(IDF-weighted text screen for long-range use; e.g. 0.5)")
     sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_server(sc)
@@ -418,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "restated", None) is not None and args.approx != "windowed":
+        parser.error("argument --restated: only with --approx windowed")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -70,3 +70,13 @@ def test_bad_window_list_is_refused_before_loading_a_model(
         bench.main(["--window", window])
     assert exc.value.code == 2
     assert "--window" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("restated", ["0", "x", ",", "0.5,1.5"])
+def test_bad_restated_list_is_refused_before_loading_a_model(
+    bench: ModuleType, restated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--restated", restated])
+    assert exc.value.code == 2
+    assert "--restated" in capsys.readouterr().err

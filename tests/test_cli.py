@@ -120,10 +120,15 @@ def test_help_exits_0_and_explains_every_option(
           "--backend", "score"], "{tmp}/file.txt"),
         (["score", "{sample}", "--out", "{tmp}/o", "--approx", "magic"],
          "argument --approx: invalid choice: 'magic'"),
+        (["score", "{sample}", "--out", "{tmp}/o", "--approx", "windowed", "--restated", "2"],
+         "argument --restated: must be a share in (0, 1], got '2'"),
+        (["score", "{sample}", "--out", "{tmp}/o", "--restated", "0.5"],
+         "argument --restated: only with --approx windowed"),
     ],
     ids=["unknown-subcommand", "no-subcommand", "missing-required-option",
          "missing-conversation", "unknown-option", "bad-conversation-render",
-         "bad-conversation-score", "out-is-a-file", "unknown-approx"],
+         "bad-conversation-score", "out-is-a-file", "unknown-approx", "restated-not-a-share",
+         "restated-without-windowed"],
 )
 def test_bad_usage_exits_2_with_one_clear_line(
     argv: list[str], says: str, bad_conversation: Path, server_url: str, tmp_path: Path,
@@ -240,6 +245,12 @@ def test_score_approx_is_labelled_and_reports_its_cost(
     assert "approximate (windowed): " in res.err and " cells estimated" in res.err
     m = MemoryMatrix.load(out / "matrix.parquet")
     assert m.approximate and m.method == "windowed" and m.meta["window"] == 1
+    res = run_cli(["score", SAMPLE, "--out", out, "--server", server_url, "--quiet",
+                   "--approx", "windowed", "--window", "1", "--restated", "0.5"], capsys)
+    assert res.code == 0, res.err
+    assert " memories restated later" in res.err
+    m = MemoryMatrix.load(out / "matrix.parquet")
+    assert m.meta["restated"] == 0.5 and isinstance(m.meta["extended"], dict)
 
 
 def test_score_exits_1_when_the_server_refuses_some_rows(

@@ -19,7 +19,9 @@ cells (the full context before them is unchanged), at the cost of the window's t
 cells after the window are estimated as no divergence and listed in ``meta``. It trades
 long-range dependence (an identity memory that shapes an answer far later) for cost; it is
 most useful when memories are retrieved just before the answers that use them, as in a
-running agent.
+running agent. ``restated=`` adds a text-only screen for the long-range case
+(:mod:`scoring_kit.scoring.restated`): a memory's window is extended through the later
+responses that restate its content, so those cells are exact too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories
+from .restated import restatement_matrix
 from .windows import _first_position, nth_response_end
 
 __all__ = [
@@ -254,6 +257,7 @@ async def ascore_memories_windowed(
     scorer: Scorer,
     *,
     window: int = DEFAULT_WINDOW,
+    restated: float | None = None,
     keys: Sequence[str] | None = None,
     priority: int | None = DEFAULT_PRIORITY,
 ) -> MemoryMatrix:
@@ -266,16 +270,29 @@ async def ascore_memories_windowed(
     One baseline call plus one shorter call per memory (none for a memory that no response
     follows). A failed call is a NaN row with its error, as in the exact matrix.
 
+    ``restated`` (a share in (0, 1]) adds a text-only screen for long-range use: a memory's
+    window is extended through every later response that restates at least that share of
+    its content words (IDF-weighted, :func:`~scoring_kit.scoring.restated.restatement`),
+    so those cells — and the ones in between, which the longer prompt scores anyway — are
+    exact too. It costs the longer prompts, no extra call; 0.5 is a reasonable start.
+
     Returns
     -------
     MemoryMatrix
-        ``method="windowed"``, ``approximate=True``; ``meta`` holds ``window``, per key the
-        half-open conversation ``window_entries`` it scored, ``estimated_cells``, the calls
-        and prompt tokens spent against the exact run.
+        ``method="windowed"``, ``approximate=True``; ``meta`` holds ``window``,
+        ``restated``, per key the half-open conversation ``window_entries`` it scored, the
+        ``extended`` keys with the restating responses' entries, ``estimated_cells``, the
+        calls and prompt tokens spent against the exact run.
     """
     if window < 1:
         raise ScoringError(f"window must be >= 1 response, got {window}")
+    if restated is not None and not 0.0 < restated <= 1.0:
+        raise ScoringError(f"restated must be a share in (0, 1], got {restated}")
     mem_keys = list(keys) if keys is not None else ctx.memory_keys()
+    shares, share_entries = (
+        restatement_matrix(ctx, mem_keys) if restated is not None else (None, [])
+    )
+    extended: dict[str, list[int]] = {}
     base_wp = ctx.wire_prompt()
     entries = np.asarray(base_wp.entries, dtype=np.int64)
     col = {int(e): j for j, e in enumerate(base_wp.entries)}
@@ -287,6 +304,12 @@ async def ascore_memories_windowed(
         if pos is None:
             raise ScoringError(f"memory {k!r} is not in the context")
         end, _ = nth_response_end(ctx.conversation, pos, window)
+        if shares is not None:
+            far = [e for e, share in zip(share_entries, shares[i], strict=True)
+                   if e >= end and share >= restated]
+            if far:
+                extended[k] = far
+                end = far[-1] + 1
         spans[k] = (pos, end)
         if any(pos <= e < end for e in col):
             sub = ctx.wire_prompt(range(0, end), skip=skip_key(k))
@@ -309,6 +332,8 @@ async def ascore_memories_windowed(
     exact_tokens = len(base_wp) + sum(_ablation_lengths(ctx, base_wp, mem_keys).values())
     meta = {
         "window": window,
+        "restated": restated,
+        "extended": extended,
         "window_entries": {k: list(v) for k, v in spans.items()},
         "estimated_cells": estimated,
         "calls": len(reqs),
