@@ -39,6 +39,7 @@ __all__ = [
     "render_branch_text",
     "render_prior_context",
     "skip_key",
+    "visible_text",
 ]
 
 Section = Literal["system", "identity", "journal", "conversation"]
@@ -134,7 +135,8 @@ def render_branch_text(children: Sequence[Node]) -> str:
     return "".join(c.text for c in children if c.kind == "text")
 
 
-def _visible(node: Node) -> str:
+def visible_text(node: Node) -> str:
+    """What a reader sees of ``node``: an assistant branch's text parts, else its text."""
     return render_branch_text(node.children) if node.is_branch else node.text
 
 
@@ -149,7 +151,7 @@ def render_prior_context(entries: Sequence[Node], entry_idx: int, exchanges: int
     for i in range(min(entry_idx, len(entries)) - 1, -1, -1):
         n = entries[i]
         if n.kind in ("user", "assistant"):
-            picked.append(f"{n.kind}: {_visible(n).strip()}")
+            picked.append(f"{n.kind}: {visible_text(n).strip()}")
             if len(picked) >= want:
                 break
     return "\n\n".join(reversed(picked))

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from .._types import FloatArray
-from ..context.model import ContextState, Node, memory_key, render_branch_text
+from ..context.model import ContextState, is_assistant, memory_key, visible_text
 
-__all__ = ["MIN_WORD_LENGTH", "content_words", "node_text", "restatement", "restatement_matrix"]
+__all__ = ["MIN_WORD_LENGTH", "content_words", "restatement", "restatement_matrix"]
 
 #: Shorter words ("a", "is", "I") are ignored.
 MIN_WORD_LENGTH = 3
@@ -79,11 +79,6 @@ def _indicator(words: Sequence[frozenset[str]], index: dict[str, int]) -> FloatA
     return rows
 
 
-def node_text(node: Node) -> str:
-    """What a reader sees of ``node``: an assistant branch's text parts, else its text."""
-    return render_branch_text(node.children) if node.is_branch else node.text
-
-
 def restatement_matrix(ctx: ContextState, keys: Sequence[str]) -> tuple[FloatArray, list[int]]:
     """:func:`restatement` of memories ``keys`` against every assistant response of ``ctx``.
 
@@ -98,8 +93,8 @@ def restatement_matrix(ctx: ContextState, keys: Sequence[str]) -> tuple[FloatArr
             k = memory_key(n)
             if k is not None and k in texts:
                 texts[k].append(n.text)
-            elif not (sec == "conversation" and n.kind == "assistant"):
-                corpus.append(node_text(n))  # memories and responses are added by restatement
-    columns = [i for i, n in enumerate(ctx.conversation) if n.kind == "assistant"]
-    responses = [node_text(ctx.conversation[i]) for i in columns]
+            elif not (sec == "conversation" and is_assistant(n)):
+                corpus.append(visible_text(n))  # memories and responses are added by restatement
+    columns = [i for i, n in enumerate(ctx.conversation) if is_assistant(n)]
+    responses = [visible_text(ctx.conversation[i]) for i in columns]
     return restatement(["\n".join(texts[k]) for k in keys], responses, corpus), columns
