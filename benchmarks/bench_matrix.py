@@ -301,11 +301,11 @@ def run_layout(
 
     approx_ways: list[tuple[str, Callable[[], MemoryMatrix]]] = []
     if "window" in args.ways:
-        for w in args.windows:
-            approx_ways.append((f"window{w}" if len(args.windows) > 1 else "window", windowed(w)))
+        for w in args.window:
+            approx_ways.append((f"window{w}" if len(args.window) > 1 else "window", windowed(w)))
     if "restated" in args.ways:
-        w = min(args.windows)
-        for r in args.shares:
+        w = min(args.window)
+        for r in args.restated:
             approx_ways.append((f"w{w}+r{r:g}", windowed(w, r)))
     if "hier" in args.ways:
         approx_ways.append(("hier", lambda: score_memories_hierarchical(ctx, scorer)))
@@ -339,6 +339,23 @@ def run_layout(
     return row
 
 
+def comma_list(
+    convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str
+) -> Callable[[str], list[Any]]:
+    """An argparse type: one or more comma-separated values, each converted and checked."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [convert(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}")
+        return values
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=1,
@@ -347,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ways", default="seed,exact,window,restated",
                     help="comma list of seed,exact,window,restated,hier (seed and exact always "
                          "run)")
-    ap.add_argument("--window", default="1",
+    ap.add_argument("--window", type=comma_list(int, lambda w: w >= 1, "integers >= 1"),
+                    default="1",
                     help="responses after each memory the windowed mode scores; a comma list "
                          "(e.g. 1,2,4) times one windowed run per value (default 1)")
-    ap.add_argument("--restated", default="0.5",
+    ap.add_argument("--restated", type=comma_list(float, lambda r: 0.0 < r <= 1.0,
+                                                  "shares in (0, 1]"),
+                    default="0.5",
                     help="with the restated way: the windowed mode with the smallest --window, "
                          "extended through responses restating at least this share of a "
                          "memory's content words; a comma list times one run per value "
@@ -367,18 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--locomo", type=Path, default=LOCOMO)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    try:
-        args.windows = [int(w) for w in str(args.window).split(",") if w.strip()]
-    except ValueError:
-        ap.error(f"--window takes integers separated by commas, got {args.window!r}")
-    if not args.windows or min(args.windows) < 1:
-        ap.error(f"--window needs one or more values >= 1, got {args.window!r}")
-    try:
-        args.shares = [float(r) for r in str(args.restated).split(",") if r.strip()]
-    except ValueError:
-        ap.error(f"--restated takes shares separated by commas, got {args.restated!r}")
-    if not args.shares or not all(0.0 < r <= 1.0 for r in args.shares):
-        ap.error(f"--restated needs one or more shares in (0, 1], got {args.restated!r}")
 
     t0 = time.perf_counter()
     engine = Engine.load(device=args.device)
