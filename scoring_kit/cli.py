@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +48,24 @@ def _range(text: str) -> range:
     return range(start, stop)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return v
+def _float_where(ok: Callable[[float], bool], must: str) -> Any:
+    """An argparse type: a number that ``ok`` accepts (NaN never is), else "must be {must}"."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
+        return v
+
+    parse.__name__ = f"number ({must})"
+    return parse
 
 
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < v <= 1.0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text!r}")
-    return v
+_positive_float = _float_where(lambda v: v >= 0, "a number >= 0")
+_share = _float_where(lambda v: 0.0 < v <= 1.0, "a share in (0, 1]")
 
 
 def _int_at_least(lowest: int) -> Any:
