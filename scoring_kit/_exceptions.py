@@ -7,13 +7,20 @@
     ├── PromptError(ValueError)         span / token mismatch in a wire prompt or a score request
     ├── BackendError                    anything that went wrong talking to a scorer (.backend)
     │   ├── BackendUnavailable          connect error, timeout, no such server
+    │   ├── BackendPromptError(PromptError)  a prompt this backend cannot score (.limit, .actual)
+    │   ├── DetectionError              no usable scoring backend at a URL (.probes)
     │   ├── ScoringAPIError             the server answered with an error (.status_code, .message)
     │   ├── ProtocolError               the server answered 2xx with a body we cannot use
     │   └── ModelLoadError              the embedded model could not be loaded
     ├── ScoringError                    a flow could not produce a result (NaN, length mismatch)
+    ├── ConfigError(ValueError)         a bad argument or setting (names it, its limit, the value)
+    ├── ServerBusy                      the embedded server's queue is full (.waiting, .max_queue)
     ├── StoreError(OSError)             a file we own (store, trained set, checkpoint) is unusable
     ├── ExportError(OSError)            exists / bad suffix / bad re-import
     └── MissingDependencyError(ImportError)  names the extra to install
+
+Warnings: ``ScoringKitWarning(UserWarning)`` → ``CostWarning`` (a backend far costlier
+than ``/score``).
 
 Every error builds a message that names *what* and *where* (file and line, node index,
 token span, limit and actual value).
@@ -23,8 +30,12 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "BackendPromptError",
     "BackendUnavailable",
+    "ConfigError",
     "ContextError",
+    "CostWarning",
+    "DetectionError",
     "ExportError",
     "MissingDependencyError",
     "ModelLoadError",
@@ -33,6 +44,8 @@ __all__ = [
     "ScoringAPIError",
     "ScoringError",
     "ScoringKitError",
+    "ScoringKitWarning",
+    "ServerBusy",
     "StoreError",
 ]
 
@@ -129,3 +142,61 @@ class ExportError(ScoringKitError, OSError):
 
 class MissingDependencyError(ScoringKitError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class BackendPromptError(BackendError, PromptError):
+    """A prompt this backend cannot score: a bad span, or longer than the model's context.
+
+    It is a :class:`~scoring_kit.PromptError` (the request itself is at fault, so retrying
+    does not help) and also a :class:`~scoring_kit.BackendError`, so that ``score_batch``
+    records it in the request's slot instead of losing the whole batch.
+
+    Attributes
+    ----------
+    limit, actual
+        The limit that was exceeded and the value found, when the error is about a length.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        backend: str | None = None,
+        limit: int | None = None,
+        actual: int | None = None,
+    ) -> None:
+        super().__init__(msg, backend=backend)
+        self.limit = limit
+        self.actual = actual
+
+
+class DetectionError(BackendError):
+    """No usable scoring backend at a URL; ``.probes`` lists each probe and its answer."""
+
+    def __init__(self, msg: str, *, probes: tuple[str, ...] = ()) -> None:
+        super().__init__(msg, backend=None)
+        self.probes = probes
+
+
+class ConfigError(ScoringKitError, ValueError):
+    """A bad argument or setting; the message names it, the allowed range and the value."""
+
+
+class ServerBusy(ScoringKitError):
+    """More requests are waiting for the engine than the server allows."""
+
+    def __init__(self, waiting: int, max_queue: int) -> None:
+        super().__init__(
+            f"server busy: {waiting} requests are already waiting for the engine "
+            f"(max_queue={max_queue}); retry later"
+        )
+        self.waiting = waiting
+        self.max_queue = max_queue
+
+
+class ScoringKitWarning(UserWarning):
+    """Base class of the warnings scoring_kit issues on purpose."""
+
+
+class CostWarning(ScoringKitWarning):
+    """Scoring through this backend is much more expensive than through ``/score``."""
