@@ -35,8 +35,8 @@ _LAZY: dict[str, str] = {
     "save_context": "scoring_kit.context.io",
     "context_from_messages": "scoring_kit.context.io",
     # backends
-    "ScoreRequest": "scoring_kit.backends.base",
-    "CompletionRequest": "scoring_kit.backends.base",
+    "ScoreRequest": "scoring_kit.wire",
+    "CompletionRequest": "scoring_kit.wire",
     "Scorer": "scoring_kit.backends.base",
     "make_scorer": "scoring_kit.backends.auto",
     "ScoreClient": "scoring_kit.backends.http",

@@ -41,7 +41,7 @@ import orjson
 from .._exceptions import ContextError
 from .._files import atomic_write_bytes
 from .._types import PathLike
-from ..backends.base import WireImage
+from ..wire import WireImage
 from .chatml import PLAIN_ROLES, render_message, section_of
 from .model import KINDS, SECTIONS, ContextState, Node
 from .tokenizer import Tokenizer

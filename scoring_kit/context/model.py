@@ -22,7 +22,7 @@ import numpy as np
 
 from .._exceptions import ContextError, PromptError
 from .._types import IntArray, Span
-from ..backends.base import ScoreRequest, WireImage
+from ..wire import ScoreRequest, WireImage
 
 __all__ = [
     "KINDS",

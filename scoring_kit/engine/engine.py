@@ -43,7 +43,7 @@ import numpy as np
 
 from .._exceptions import ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
-from ..backends.base import validate_score_request
+from ..wire import validate_score_request
 
 if TYPE_CHECKING:
     import torch

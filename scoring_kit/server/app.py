@@ -63,7 +63,7 @@ import orjson
 
 from .._exceptions import MissingDependencyError, PromptError
 from .._types import FloatArray, Span
-from ..backends.base import validate_score_request
+from ..wire import validate_score_request
 
 try:
     from starlette.applications import Starlette
