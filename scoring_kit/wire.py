@@ -19,11 +19,16 @@ from ._types import Span
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "VLLM_NEG_INF",
     "CompletionRequest",
     "ScoreRequest",
     "WireImage",
     "validate_score_request",
 ]
+
+#: vLLM's stand-in for ``-inf`` in prompt logprobs (``clamp_prompt_logprobs``); the embedded
+#: server sends it in the vLLM-shaped answers and the vLLM backend reads it back as ``-inf``.
+VLLM_NEG_INF = -9999.0
 
 #: The reference client scores at priority 5 (lower is served first).
 DEFAULT_PRIORITY = 5
