@@ -63,7 +63,7 @@ import orjson
 
 from .._exceptions import MissingDependencyError, PromptError
 from .._types import FloatArray, Span
-from ..wire import validate_score_request
+from ..wire import VLLM_NEG_INF, validate_score_request
 
 try:
     from starlette.applications import Starlette
@@ -113,8 +113,6 @@ CAPABILITIES: tuple[str, ...] = (
     "generate",
     "train",
 )
-#: What a per-token ``-inf`` is sent as (vLLM's ``clamp_prompt_logprobs``).
-NEG_INF_LOGPROB = -9999.0
 #: What a span total of ``-inf`` is sent as (JSON has no infinity).
 NEG_INF_TOTAL = -sys.float_info.max
 
@@ -511,7 +509,7 @@ def _token_lp(x: float) -> float:
     if math.isnan(x):
         msg = "the engine returned NaN for a token log-probability"
         raise RuntimeError(msg)
-    return NEG_INF_LOGPROB if x == -math.inf else float(x)
+    return VLLM_NEG_INF if x == -math.inf else float(x)
 
 
 def _top_k(value: int) -> int:
