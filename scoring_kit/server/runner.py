@@ -28,7 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .. import _settings
 from .._exceptions import BackendUnavailable, MissingDependencyError
+from .._settings import API_KEY_ENV
 from .._types import PathLike
 
 if TYPE_CHECKING:
@@ -46,8 +48,6 @@ __all__ = [
     "start_server_process",
 ]
 
-#: Environment variable that supplies the API key when none is passed.
-API_KEY_ENV = "SCORING_KIT_API_KEY"
 #: Start of the line :func:`serve` prints once it accepts connections.
 READY_PREFIX = "scoring_kit serving "
 #: Parses that line: groups ``model`` and ``url``.
@@ -322,7 +322,7 @@ def serve(
     from .app import MAX_BODY_BYTES, MAX_QUEUE, create_app
 
     uv = _uvicorn()
-    key = api_key or os.environ.get(API_KEY_ENV) or None
+    key = api_key or _settings.api_key()
     engine = Engine.load(model_path, device=device, dtype=dtype, threads=threads)
     app = create_app(
         engine,
