@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import numpy as np
 import orjson
 
-from .._exceptions import MissingDependencyError, PromptError
+from .._exceptions import ConfigError, MissingDependencyError, PromptError, ScoringError, ServerBusy
 from .._types import FloatArray, Span
 from ..wire import VLLM_NEG_INF, validate_score_request
 
@@ -198,16 +198,8 @@ def prompt_token_logprobs(
 # --------------------------------------------------------------------------- worker
 
 
-class QueueFull(Exception):
-    """More requests are waiting for the engine than the server allows."""
-
-    def __init__(self, waiting: int, max_queue: int) -> None:
-        super().__init__(
-            f"server busy: {waiting} requests are already waiting for the engine "
-            f"(max_queue={max_queue}); retry later"
-        )
-        self.waiting = waiting
-        self.max_queue = max_queue
+#: The old name of :class:`~scoring_kit.ServerBusy` (kept for ``scoring_kit.server.QueueFull``).
+QueueFull = ServerBusy
 
 
 @dataclass(slots=True)
@@ -226,7 +218,7 @@ class EngineWorker:
     ----------
     max_queue
         How many submitted jobs may wait (not yet started) before :meth:`submit` raises
-        :class:`QueueFull`. The running job does not count.
+        :class:`~scoring_kit.ServerBusy`. The running job does not count.
     name
         Thread name.
 
@@ -239,7 +231,7 @@ class EngineWorker:
     def __init__(self, *, max_queue: int = MAX_QUEUE, name: str = "scoring_kit-engine") -> None:
         if max_queue < 1:
             msg = f"max_queue must be at least 1, got {max_queue}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.max_queue = max_queue
         self.name = name
         self._cond = threading.Condition()
@@ -266,13 +258,13 @@ class EngineWorker:
 
         Raises
         ------
-        QueueFull
+        ServerBusy
             ``max_queue`` jobs are already waiting.
         """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
             if self._waiting >= self.max_queue:
-                raise QueueFull(self._waiting, self.max_queue)
+                raise ServerBusy(self._waiting, self.max_queue)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, args=(self._queue,), name=self.name, daemon=True
@@ -501,14 +493,14 @@ def _ranges(body: Mapping[str, Any], where: str) -> list[Span]:
 def _total(x: float) -> float:
     if math.isnan(x):
         msg = "the engine returned NaN for a span total"
-        raise RuntimeError(msg)
+        raise ScoringError(msg)
     return NEG_INF_TOTAL if x == -math.inf else float(x)
 
 
 def _token_lp(x: float) -> float:
     if math.isnan(x):
         msg = "the engine returned NaN for a token log-probability"
-        raise RuntimeError(msg)
+        raise ScoringError(msg)
     return VLLM_NEG_INF if x == -math.inf else float(x)
 
 
@@ -597,7 +589,7 @@ class _Service:
                 return _error(exc.status, exc.message, exc.headers)
             except PromptError as exc:
                 return _error(400, str(exc))
-            except QueueFull as exc:
+            except ServerBusy as exc:
                 return _error(503, str(exc), {"Retry-After": "1"})
             except Exception as exc:
                 log.exception("internal error in %s %s", request.method, request.url.path)
@@ -719,7 +711,7 @@ class _Service:
         totals = np.asarray(totals, dtype=np.float64)
         if totals.shape != (len(ranges),):
             msg = f"engine returned {totals.shape} totals for {len(ranges)} ranges"
-            raise RuntimeError(msg)
+            raise ScoringError(msg)
         return {
             "scores": [
                 {"range_index": i, "total_logprob": _total(x)}
@@ -758,7 +750,7 @@ class _Service:
             outs = await self.worker.run(lambda: self.engine.score_many(items), priority=priority)
             if len(outs) != len(items):
                 msg = f"engine.score_many returned {len(outs)} results for {len(items)} requests"
-                raise RuntimeError(msg)
+                raise ScoringError(msg)
             for j, (i, (_, ranges), out) in enumerate(zip(slots, items, outs, strict=True)):
                 if isinstance(out, BaseException):
                     text = str(out)
@@ -1204,7 +1196,7 @@ def create_app(
     """
     if max_body_bytes < 1:
         msg = f"max_body_bytes must be at least 1, got {max_body_bytes}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     worker = EngineWorker(max_queue=max_queue)
     service = _Service(
         engine,

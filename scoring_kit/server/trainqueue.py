@@ -25,7 +25,7 @@ from typing import Any, Literal, TypedDict
 import orjson
 
 from .. import _settings
-from .._exceptions import StoreError
+from .._exceptions import ConfigError, StoreError
 from .._files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -186,7 +186,7 @@ class TrainQueue:
         """Change the status of ``job_id`` (under the file lock) and return the new record."""
         if status not in JOB_STATUSES:
             msg = f"unknown job status {status!r}; expected one of {', '.join(JOB_STATUSES)}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.status(job_id)
         path = self.status_path(job_id)
 
