@@ -10,9 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import EngineWorker, QueueFull, ServedEngine, create_app, prompt_token_logprobs
+    from .app import ServedEngine, create_app, prompt_token_logprobs
     from .runner import EmbeddedServer, ServerProcess, serve, start_server_process
     from .trainqueue import JobInfo, TrainQueue
+    from .worker import EngineWorker, QueueFull
 
 __all__ = [
     "EmbeddedServer",
@@ -29,8 +30,8 @@ __all__ = [
 ]
 
 _WHERE = {
-    "EngineWorker": "app",
-    "QueueFull": "app",
+    "EngineWorker": "worker",
+    "QueueFull": "worker",
     "ServedEngine": "app",
     "create_app": "app",
     "prompt_token_logprobs": "app",

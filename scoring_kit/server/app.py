@@ -42,21 +42,16 @@ the same reason ``rank`` is ``null`` in ``prompt_logprobs`` entries.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hmac
-import itertools
 import logging
 import math
-import queue
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -75,6 +70,8 @@ try:
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     _msg = "the scoring_kit server needs starlette and uvicorn: pip install 'scoring_kit[engine]'"
     raise MissingDependencyError(_msg) from _exc
+
+from .worker import MAX_QUEUE, EngineWorker, QueueFull
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -100,8 +97,6 @@ T = TypeVar("T")
 
 #: Default request-body limit (bytes).
 MAX_BODY_BYTES = 64 * 1024 * 1024
-#: Default number of requests that may wait for the engine before 503.
-MAX_QUEUE = 64
 #: Largest top-k for ``prompt_logprobs`` / ``top_logprobs_num`` (like vLLM ``--max-logprobs``).
 MAX_PROMPT_LOGPROBS = 0
 #: What ``GET /health`` advertises.
@@ -193,140 +188,6 @@ def prompt_token_logprobs(
         return np.empty(0, dtype=np.float64)
     ranges = [(t, t + 1) for t in range(first, len(prompt))]
     return np.asarray(engine.score(prompt, ranges), dtype=np.float64)
-
-
-# --------------------------------------------------------------------------- worker
-
-
-#: The old name of :class:`~scoring_kit.ServerBusy` (kept for ``scoring_kit.server.QueueFull``).
-QueueFull = ServerBusy
-
-
-@dataclass(slots=True)
-class _Job(Generic[T]):
-    fn: Callable[[], T]
-    future: concurrent.futures.Future[T]
-
-
-_QueueItem = tuple[int, int, "_Job[Any] | None"]
-
-
-class EngineWorker:
-    """One daemon thread that runs every engine call, lowest ``priority`` first.
-
-    Parameters
-    ----------
-    max_queue
-        How many submitted jobs may wait (not yet started) before :meth:`submit` raises
-        :class:`~scoring_kit.ServerBusy`. The running job does not count.
-    name
-        Thread name.
-
-    Notes
-    -----
-    The thread starts on the first :meth:`submit` and stops on :meth:`close`, which also
-    cancels waiting jobs; a later :meth:`submit` starts a fresh thread.
-    """
-
-    def __init__(self, *, max_queue: int = MAX_QUEUE, name: str = "scoring_kit-engine") -> None:
-        if max_queue < 1:
-            msg = f"max_queue must be at least 1, got {max_queue}"
-            raise ConfigError(msg)
-        self.max_queue = max_queue
-        self.name = name
-        self._cond = threading.Condition()
-        self._queue: queue.PriorityQueue[_QueueItem] = queue.PriorityQueue()
-        self._seq = itertools.count()
-        self._waiting = 0
-        self._running = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def waiting(self) -> int:
-        """Jobs submitted and not yet started."""
-        with self._cond:
-            return self._waiting
-
-    @property
-    def busy(self) -> bool:
-        """Whether a job is running now."""
-        with self._cond:
-            return self._running
-
-    def submit(self, fn: Callable[[], T], *, priority: int = 0) -> concurrent.futures.Future[T]:
-        """Queue ``fn``; its result (or exception) lands in the returned future.
-
-        Raises
-        ------
-        ServerBusy
-            ``max_queue`` jobs are already waiting.
-        """
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._cond:
-            if self._waiting >= self.max_queue:
-                raise ServerBusy(self._waiting, self.max_queue)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, args=(self._queue,), name=self.name, daemon=True
-                )
-                self._thread.start()
-            self._waiting += 1
-            self._queue.put((int(priority), next(self._seq), _Job(fn, future)))
-            self._cond.notify_all()
-        return future
-
-    async def run(self, fn: Callable[[], T], *, priority: int = 0) -> T:
-        """Run ``fn`` on the worker thread and await its result."""
-        return await asyncio.wrap_future(self.submit(fn, priority=priority))
-
-    def wait_for(self, predicate: Callable[[EngineWorker], bool], timeout: float) -> bool:
-        """Block until ``predicate(self)`` holds (re-checked on every queue change).
-
-        Returns ``False`` if it still does not hold after ``timeout`` seconds. Meant for
-        tests and monitoring (for example ``lambda w: w.waiting == 1``).
-        """
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
-
-    def _loop(self, q: queue.PriorityQueue[_QueueItem]) -> None:
-        while True:
-            _, _, job = q.get()
-            if job is None:
-                return
-            with self._cond:
-                if q is self._queue:
-                    self._waiting -= 1
-                self._running = True
-                self._cond.notify_all()
-            try:
-                if job.future.set_running_or_notify_cancel():
-                    try:
-                        result = job.fn()
-                    except BaseException as exc:
-                        job.future.set_exception(exc)
-                    else:
-                        job.future.set_result(result)
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._cond.notify_all()
-
-    def close(self) -> None:
-        """Cancel waiting jobs and let the thread end after its current job."""
-        with self._cond:
-            old, self._queue = self._queue, queue.PriorityQueue()
-            thread, self._thread = self._thread, None
-            self._waiting = 0
-            while True:
-                try:
-                    _, _, job = old.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.future.cancel()
-            self._cond.notify_all()
-        if thread is not None:
-            old.put((-(2**63), next(self._seq), None))
 
 
 # --------------------------------------------------------------------------- helpers
