@@ -42,7 +42,6 @@ the same reason ``rank`` is ``null`` in ``prompt_logprobs`` entries.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import sys
@@ -71,11 +70,13 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     _msg = "the scoring_kit server needs starlette and uvicorn: pip install 'scoring_kit[engine]'"
     raise MissingDependencyError(_msg) from _exc
 
+from ._http import RequestError as _HTTPError
+from ._http import error_response as _error
+from ._http import json_response as _json
+from .auth import BearerAuth
 from .worker import MAX_QUEUE, EngineWorker, QueueFull
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
-
     from ..context.tokenizer import Tokenizer
     from .trainqueue import TrainQueue
 
@@ -191,29 +192,6 @@ def prompt_token_logprobs(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-class _JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _json(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return _JSONResponse(content, status_code=status, headers=dict(headers or {}))
-
-
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    return _json({"error": message}, status, headers)
 
 
 _MISSING: Any = object()
@@ -368,51 +346,6 @@ def _token_lp(x: float) -> float:
 def _top_k(value: int) -> int:
     """Map the OpenAI/vLLM/SGLang "no top-k" values (-1, 0) to the engine's 0."""
     return 0 if value <= 0 else value
-
-
-# --------------------------------------------------------------------------- auth
-
-
-class _AuthMiddleware:
-    """``authorization: Bearer <key>`` on every request except ``GET /health``."""
-
-    def __init__(self, app: ASGIApp, *, api_key: str) -> None:
-        self.app = app
-        self._key = api_key.encode("utf-8")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")
-        ):
-            await self.app(scope, receive, send)
-            return
-        header = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.partition(b" ")
-        # compare_digest on equal-length digests: constant time whatever the token.
-        ok = scheme.lower() == b"bearer" and hmac.compare_digest(
-            _digest(token.strip()), _digest(self._key)
-        )
-        if ok:
-            await self.app(scope, receive, send)
-            return
-        reason = "missing" if not header else "invalid"
-        response = _error(
-            401,
-            f"{reason} API key: send the header `authorization: Bearer <key>` "
-            "(every endpoint except GET /health needs it)",
-            {"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
-
-
-def _digest(data: bytes) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(data).digest()
 
 
 # --------------------------------------------------------------------------- service
@@ -1092,7 +1025,7 @@ def create_app(
 
     middleware = []
     if api_key:
-        middleware.append(Middleware(_AuthMiddleware, api_key=api_key))
+        middleware.append(Middleware(BearerAuth, api_key=api_key))
     app = Starlette(
         routes=service.routes(),
         middleware=middleware,
