@@ -1,6 +1,6 @@
-"""The server's JSON responses and the one exception a handler raises to answer with an error.
+"""The server's JSON responses (orjson). Every non-2xx body is ``{"error": "<message>"}``.
 
-Every non-2xx body the server sends is ``{"error": "<message>"}`` (:func:`error_response`).
+:class:`~scoring_kit.server._fields.RequestError` is re-exported: the refusal a handler raises.
 """
 
 from __future__ import annotations
@@ -9,25 +9,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from starlette.responses import Response
 
-from .._exceptions import ScoringKitError
+from .._exceptions import MissingDependencyError
+from ._fields import RequestError
+
+try:
+    from starlette.responses import Response
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    _msg = "the scoring_kit server needs starlette and uvicorn: pip install 'scoring_kit[engine]'"
+    raise MissingDependencyError(_msg) from _exc
 
 __all__ = ["JSONResponse", "RequestError", "error_response", "json_response"]
-
-
-class RequestError(ScoringKitError):
-    """A request the server refuses: answered with ``status`` and ``{"error": message}``.
-
-    Raised by the request parsers (:mod:`~scoring_kit.server.params`) and the protocol
-    handlers; it never leaves the server (the app turns it into the response).
-    """
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 class JSONResponse(Response):
