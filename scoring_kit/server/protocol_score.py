@@ -3,6 +3,11 @@
 ``/score`` answers ``{"scores": [{"range_index": i, "total_logprob": x}, ...]}``;
 ``/score/batch`` runs its requests in ONE ``engine.score_many`` call and answers
 ``{"results": [{"scores": [...]} | {"error": "..."}, ...]}``, one slot per request.
+
+Validation happens once in this process: :mod:`~scoring_kit.server.params` checks the JSON
+types and shapes, and the engine checks each request's spans, token ids and length with
+:func:`~scoring_kit.wire.validate_score_request` as it scores it (so an empty ``score_ranges``
+goes to the engine too, which checks the prompt and answers no totals).
 """
 
 from __future__ import annotations
@@ -11,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._exceptions import PromptError, ScoringError
+from .._exceptions import ScoringError
 from .._types import Span
-from ..wire import validate_score_request
 from .params import BadItem, BatchParams, ScoreParams
 from .service import Service, span_total
 
@@ -42,11 +46,7 @@ def _scores(totals: Any) -> list[dict[str, Any]]:
 async def score(svc: Service, request: Request) -> Any:
     """``POST /score``, ``POST /v1/score``."""
     p = ScoreParams.parse(await svc.body(request), svc.limits)
-    lim = svc.limits
-    validate_score_request(p.prompt, p.ranges, vocab_size=lim.vocab_size, max_len=lim.max_len)
-    if not p.ranges:
-        return {"scores": []}
-    engine = svc.engine
+    engine = svc.engine  # validates the request (a PromptError is answered with 400)
     totals = await svc.worker.run(lambda: engine.score(p.prompt, p.ranges), priority=p.priority)
     totals = np.asarray(totals, dtype=np.float64)
     if totals.shape != (len(p.ranges),):
@@ -58,7 +58,6 @@ async def score(svc: Service, request: Request) -> Any:
 async def score_batch(svc: Service, request: Request) -> Any:
     """``POST /score/batch``: one engine call for every well-formed request."""
     p = BatchParams.parse(await svc.body(request), svc.limits)
-    lim = svc.limits
     results: list[dict[str, Any] | None] = [None] * len(p.requests)
     items: list[tuple[tuple[int, ...], tuple[Span, ...]]] = []
     slots: list[int] = []
@@ -66,20 +65,10 @@ async def score_batch(svc: Service, request: Request) -> Any:
         if isinstance(item, BadItem):
             results[i] = {"error": item.message}
             continue
-        try:
-            validate_score_request(
-                item.prompt, item.ranges, vocab_size=lim.vocab_size, max_len=lim.max_len
-            )
-        except PromptError as exc:
-            results[i] = {"error": f"requests[{i}]: {exc}"}
-            continue
-        if not item.ranges:
-            results[i] = {"scores": []}
-            continue
         items.append((item.prompt, item.ranges))
         slots.append(i)
     if items:
-        engine = svc.engine
+        engine = svc.engine  # validates each item: an invalid one comes back as its PromptError
         outs = await svc.worker.run(lambda: engine.score_many(items), priority=p.priority)
         if len(outs) != len(items):
             msg = f"engine.score_many returned {len(outs)} results for {len(items)} requests"

@@ -49,7 +49,13 @@ NEG_INF_TOTAL = -sys.float_info.max
 
 
 class ServedEngine(Protocol):
-    """What the server needs from an engine (:class:`~scoring_kit.engine.engine.Engine`)."""
+    """What the server needs from an engine (:class:`~scoring_kit.engine.engine.Engine`).
+
+    ``score`` and ``score_many`` must check each request with
+    :func:`~scoring_kit.wire.validate_score_request` (``score`` raises the
+    :class:`~scoring_kit.PromptError`, ``score_many`` returns it in the item's slot): the
+    server parses only JSON types and shapes and relies on that one check.
+    """
 
     @property
     def name(self) -> str: ...
