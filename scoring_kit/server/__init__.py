@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import ServedEngine, create_app, prompt_token_logprobs
-    from .runner import EmbeddedServer, ServerProcess, serve, start_server_process
+    from .process import ServerProcess, start_server_process
+    from .runner import EmbeddedServer, serve
     from .trainqueue import JobInfo, TrainQueue
     from .worker import EngineWorker, QueueFull
 
@@ -36,9 +37,9 @@ _WHERE = {
     "create_app": "app",
     "prompt_token_logprobs": "app",
     "EmbeddedServer": "runner",
-    "ServerProcess": "runner",
+    "ServerProcess": "process",
     "serve": "runner",
-    "start_server_process": "runner",
+    "start_server_process": "process",
     "JobInfo": "trainqueue",
     "TrainQueue": "trainqueue",
 }

@@ -126,6 +126,29 @@ def _routes(svc: Service) -> list[Route]:
     return [Route(path, _endpoint(svc, fn), methods=[method]) for path, fn, method in _ROUTES]
 
 
+def _exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """Starlette's own refusals (404, 405) and uncaught errors, answered in the JSON shape."""
+    endpoints = ", ".join(sorted({path for path, _, _ in _ROUTES}))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            message = f"not found: {method} {path} is not an endpoint of this server ({endpoints})"
+        elif exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            message = f"method {method} is not allowed on {path}; allowed: {allow}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, exc.headers)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    return {HTTPException: http_error, Exception: internal_error}
+
+
 def create_app(
     engine: ServedEngine,
     *,
@@ -169,23 +192,6 @@ def create_app(
         max_body_bytes=max_body_bytes,
         train_dir=Path(train_dir) if train_dir is not None else None,
     )
-    endpoints = ", ".join(sorted({path for path, _, _ in _ROUTES}))
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        path, method = request.url.path, request.method
-        if exc.status_code == 404:
-            message = f"not found: {method} {path} is not an endpoint of this server ({endpoints})"
-        elif exc.status_code == 405:
-            allow = (exc.headers or {}).get("Allow", "")
-            message = f"method {method} is not allowed on {path}; allowed: {allow}"
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, message, exc.headers)
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -200,7 +206,7 @@ def create_app(
     app = Starlette(
         routes=_routes(service),
         middleware=middleware,
-        exception_handlers={HTTPException: http_error, Exception: internal_error},
+        exception_handlers=_exception_handlers(),
         lifespan=lifespan,
     )
     app.state.worker = worker
