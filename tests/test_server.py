@@ -19,9 +19,9 @@ import numpy as np
 import orjson
 import pytest
 
-from scoring_kit._exceptions import BackendUnavailable, PromptError
+from scoring_kit._exceptions import BackendUnavailable, PromptError, ServerBusy
 from scoring_kit._files import read_jsonl
-from scoring_kit.server.app import EngineWorker, QueueFull, prompt_token_logprobs
+from scoring_kit.server.app import EngineWorker, prompt_token_logprobs
 from scoring_kit.server.runner import READY_LINE, EmbeddedServer, start_server_process
 
 TEXT = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
@@ -566,7 +566,7 @@ def test_worker_priority_and_close() -> None:
     small.submit(lambda: gate2.wait(30))
     assert small.wait_for(lambda w: w.busy, 30)
     waiting = small.submit(lambda: None)
-    with pytest.raises(QueueFull, match="max_queue=1"):
+    with pytest.raises(ServerBusy, match="max_queue=1"):
         small.submit(lambda: None)
     small.close()
     assert waiting.cancelled()

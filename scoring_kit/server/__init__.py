@@ -10,9 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import EngineWorker, QueueFull, ServedEngine, create_app, prompt_token_logprobs
-    from .runner import EmbeddedServer, ServerProcess, serve, start_server_process
+    from .app import ServedEngine, create_app, prompt_token_logprobs
+    from .process import ServerProcess, start_server_process
+    from .runner import EmbeddedServer, serve
     from .trainqueue import JobInfo, TrainQueue
+    from .worker import EngineWorker, QueueFull
 
 __all__ = [
     "EmbeddedServer",
@@ -29,15 +31,15 @@ __all__ = [
 ]
 
 _WHERE = {
-    "EngineWorker": "app",
-    "QueueFull": "app",
+    "EngineWorker": "worker",
+    "QueueFull": "worker",
     "ServedEngine": "app",
     "create_app": "app",
     "prompt_token_logprobs": "app",
     "EmbeddedServer": "runner",
-    "ServerProcess": "runner",
+    "ServerProcess": "process",
     "serve": "runner",
-    "start_server_process": "runner",
+    "start_server_process": "process",
     "JobInfo": "trainqueue",
     "TrainQueue": "trainqueue",
 }

@@ -15,7 +15,6 @@ exists.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
@@ -25,7 +24,8 @@ from typing import Any, Literal, TypedDict
 
 import orjson
 
-from .._exceptions import StoreError
+from .. import _settings
+from .._exceptions import ConfigError, StoreError
 from .._files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -33,6 +33,7 @@ from .._files import (
     read_json,
     read_jsonl,
 )
+from .._settings import TRAIN_DIR_ENV
 from .._types import PathLike
 
 __all__ = [
@@ -44,8 +45,6 @@ __all__ = [
     "default_train_dir",
 ]
 
-#: Environment variable naming the default job folder.
-TRAIN_DIR_ENV = "SCORING_KIT_TRAIN_DIR"
 
 JobStatus = Literal["queued", "running", "done", "failed"]
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed")
@@ -61,11 +60,7 @@ def default_train_dir() -> Path:
     ``~/.local/share/scoring_kit/train``): a persistent place, because a client marks samples
     as trained once their job is recorded.
     """
-    env = os.environ.get(TRAIN_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data).expanduser() / "scoring_kit" / "train"
+    return _settings.train_dir()
 
 
 class JobInfo(TypedDict):
@@ -191,7 +186,7 @@ class TrainQueue:
         """Change the status of ``job_id`` (under the file lock) and return the new record."""
         if status not in JOB_STATUSES:
             msg = f"unknown job status {status!r}; expected one of {', '.join(JOB_STATUSES)}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.status(job_id)
         path = self.status_path(job_id)
 
