@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from scoring_kit._exceptions import PromptError
-from scoring_kit.engine.engine import Engine, EngineStats, _lcp, _lcp_matrix
+from scoring_kit.engine.engine import Engine, EngineStats
+from scoring_kit.engine.plan import lcp
 
 TOL = 1e-3
 
@@ -127,22 +128,6 @@ def fresh(engine: Engine) -> Engine:
     return engine
 
 
-# ---------------------------------------------------------------------------- pure helpers
-
-
-def test_lcp_helpers() -> None:
-    a = np.array([1, 2, 3, 4], dtype=np.int64)
-    assert _lcp(a, np.array([1, 2, 9], dtype=np.int64)) == 2
-    assert _lcp(a, a[:2]) == 2
-    assert _lcp(a, np.array([], dtype=np.int64)) == 0
-    rng = np.random.default_rng(3)
-    arrays = [rng.integers(0, 3, size=int(rng.integers(0, 8))).astype(np.int64) for _ in range(30)]
-    m = _lcp_matrix(arrays)
-    for i, x in enumerate(arrays):
-        for j, y in enumerate(arrays):
-            assert m[i, j] == _lcp(x, y), (i, j)
-
-
 # ---------------------------------------------------------------------------- score
 
 
@@ -190,7 +175,7 @@ def test_score_many_prefix_reuse_matches_scratch(
     total_scored = sum(n_scored(s) for _, s in items)
     assert st.logit_rows + st.reused_logprobs == total_scored
     assert st.logit_rows == n_scored(base_spans) + sum(
-        sum(1 for a, b in spans for t in range(a, b) if t >= _lcp(np.array(p), np.array(base)))
+        sum(1 for a, b in spans for t in range(a, b) if t >= lcp(np.array(p), np.array(base)))
         for p, spans in items[1:]
     )
     assert st.calls == len(items)

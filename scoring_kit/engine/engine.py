@@ -44,6 +44,21 @@ import numpy as np
 from .._exceptions import ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
 from ..wire import validate_score_request
+from .plan import (
+    FULLY_REUSED,
+    Cached,
+    Job,
+    Plan,
+    batches,
+    best_source,
+    group_plans,
+    keep_between_calls,
+    lcp,
+    make_job,
+    order_jobs,
+    plan_job,
+    totals,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -108,90 +123,6 @@ class EngineStats:
         """Add ``other``'s counters to these, in place."""
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-@dataclass(slots=True)
-class _Job:
-    """One valid ``score_many`` item, prepared."""
-
-    slot: int
-    tokens: IntArray
-    spans: list[Span]
-    #: scored positions t (sorted); the hidden row needed for t is t - 1
-    targets: IntArray
-    #: tokens that must be forwarded: [0, need) gives the hidden rows 0 .. need - 1
-    need: int
-
-
-@dataclass(slots=True)
-class _Cached:
-    """A computed prefix: its tokens, its KV and the log-probabilities it knows."""
-
-    tokens: IntArray
-    kv: list[_LayerKV]
-    kv_len: int
-    #: lp[t] = log P(tokens[t] | tokens[:t]) where known, NaN elsewhere; len(tokens) + 1 long
-    lp: FloatArray
-
-
-@dataclass(slots=True)
-class _Plan:
-    """How one job is computed from a source: reuse ``r`` KV rows, compute rows ``rows``."""
-
-    job: _Job
-    source: _Cached | None
-    reuse: int
-    lp: FloatArray
-    #: scored positions t whose log-probability must be computed (hidden row t - 1 >= reuse)
-    compute: IntArray
-    #: forward tokens [reuse, end)
-    end: int
-
-
-def _lcp(a: IntArray, b: IntArray) -> int:
-    """Length of the longest common prefix of two id arrays (vectorised)."""
-    m = min(a.shape[0], b.shape[0])
-    if m == 0:
-        return 0
-    neq = a[:m] != b[:m]
-    i = int(np.argmax(neq))
-    return i if bool(neq[i]) else m
-
-
-def _lcp_matrix(arrays: Sequence[IntArray]) -> IntArray:
-    """Pairwise longest-common-prefix lengths, ``O(n log n · L + n²)``.
-
-    Sorts the sequences lexicographically; then ``lcp(s_i, s_j)`` for ``i < j`` in sorted order
-    is the minimum of the adjacent LCPs between them.
-    """
-    n = len(arrays)
-    out = np.zeros((n, n), dtype=np.int64)
-    if n == 0:
-        return out
-    keys = [np.ascontiguousarray(a, dtype=">u4").tobytes() for a in arrays]
-    order = sorted(range(n), key=keys.__getitem__)
-    adj = np.array(
-        [_lcp(arrays[order[k]], arrays[order[k + 1]]) for k in range(n - 1)], dtype=np.int64
-    )
-    srt = np.zeros((n, n), dtype=np.int64)
-    for k in range(n):
-        srt[k, k] = arrays[order[k]].shape[0]
-        if k < n - 1:
-            srt[k, k + 1 :] = np.minimum.accumulate(adj[k:])
-    srt = np.triu(srt) + np.triu(srt, 1).T
-    idx = np.asarray(order)
-    out[np.ix_(idx, idx)] = srt
-    return out
-
-
-def _span_positions(spans: Sequence[Span]) -> IntArray:
-    if not spans:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans])
-
-
-def _totals(lp: FloatArray, spans: Sequence[Span]) -> FloatArray:
-    return np.array([float(np.sum(lp[a:b])) for a, b in spans], dtype=np.float64)
 
 
 class Engine:
@@ -283,7 +214,7 @@ class Engine:
         self.prefix_cache_entries = max(1, int(prefix_cache_entries))
         self.stats = EngineStats()
         self._lock = threading.Lock()
-        self._persisted: list[_Cached] = []
+        self._persisted: list[Cached] = []
         base = getattr(model, "model", None)
         if base is None and hasattr(model, "get_decoder"):
             base = model.get_decoder()
@@ -437,7 +368,7 @@ class Engine:
     ) -> tuple[list[FloatArray | PromptError], EngineStats]:
         """:meth:`score_many`, plus the cost of this call alone."""
         results: list[FloatArray | PromptError | None] = [None] * len(items)
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         for slot, item in enumerate(items):
             try:
                 prompt, ranges = item
@@ -455,8 +386,7 @@ class Engine:
             if not spans:
                 results[slot] = np.zeros(0, dtype=np.float64)
                 continue
-            targets = _span_positions(spans)
-            jobs.append(_Job(slot, tokens, spans, targets, int(targets[-1])))
+            jobs.append(make_job(slot, tokens, spans))
         with self._lock:
             before = self.stats.copy()
             t0 = time.perf_counter()
@@ -506,7 +436,7 @@ class Engine:
             finally:
                 self.stats.calls += 1
                 self.stats.seconds += time.perf_counter() - t0
-        return _totals(lp, [(int(a), int(b)) for a, b in ranges])
+        return totals(lp, [(int(a), int(b)) for a, b in ranges])
 
     # ------------------------------------------------------------------ generation
 
@@ -729,74 +659,24 @@ class Engine:
         self.stats.logit_rows += int(hidden.shape[0])
         return torch.cat(parts) if parts else hidden.new_zeros(0)
 
-    # ------------------------------------------------------------------ internals: planning
+    # ------------------------------------------------------------------ internals: running
 
-    def _plan(self, job: _Job, source: _Cached | None) -> _Plan:
-        """Decide how much of ``source`` ``job`` reuses and which rows it computes."""
-        lp = np.full(job.tokens.shape[0] + 1, np.nan, dtype=np.float64)
-        t = job.targets
-        if source is None:
-            return _Plan(job, None, 0, lp, t, job.need)
-        p = _lcp(job.tokens, source.tokens)
-        # log-probs known in the shared prefix are valid for this job too
-        known_len = min(p, source.lp.shape[0])
-        lp[:known_len] = source.lp[:known_len]
-        reusable = (t < p) & ~np.isnan(lp[t])
-        compute = t[~reusable]
-        if compute.size == 0:
-            return _Plan(job, source, 0, lp, compute, 0)
-        reuse = int(min(p, source.kv_len, int(compute[0]) - 1))
-        return _Plan(
-            job, source if reuse > 0 else None, max(reuse, 0), lp, compute, int(compute[-1])
-        )
-
-    def _gain(self, job: _Job, source: _Cached) -> int:
-        p = _lcp(job.tokens, source.tokens)
-        return min(p, source.kv_len, job.need)
-
-    def _run_jobs(self, jobs: list[_Job], results: list[FloatArray | PromptError | None]) -> None:
-        """Order, plan, compute and fill ``results`` for the valid jobs."""
+    def _run_jobs(self, jobs: list[Job], results: list[FloatArray | PromptError | None]) -> None:
+        """Order, plan, compute and fill ``results`` for the valid jobs (see ``plan.py``)."""
         import torch
 
         persisted = list(self._persisted)
-        n = len(jobs)
-        arrays = [j.tokens for j in jobs] + [c.tokens for c in persisted]
-        needs = np.array([j.need for j in jobs] + [c.kv_len for c in persisted], dtype=np.int64)
-        m = _lcp_matrix(arrays)
-        usable = np.minimum(np.minimum(m, needs[:, None]), needs[None, :])
-        np.fill_diagonal(usable, 0)
-        # hubness: how much the others would reuse from an item
-        hub = usable.sum(axis=0)
-        order = sorted(range(n), key=lambda i: (-int(hub[i]), -int(needs[i]), i))
-        # parents: the earlier item (or kept prefix) that each item extends the most
-        seen: list[int] = list(range(n, n + len(persisted)))
-        children = np.zeros(n + len(persisted), dtype=np.int64)
-        for i in order:
-            if seen:
-                cand = np.asarray(seen)
-                gains = usable[i, cand]
-                best = int(np.argmax(gains))
-                if gains[best] > 0:
-                    children[cand[best]] += 1
-            seen.append(i)
-        top = order[0]
         keep_persist = self.prefix_cache_tokens > 0
-        is_parent = [bool(children[i] > 0) for i in range(n)]
-        if keep_persist and jobs[top].need <= self.prefix_cache_tokens:
-            is_parent[top] = True
+        plan_order = order_jobs(jobs, persisted, hub_cache_tokens=self.prefix_cache_tokens)
+        order, is_parent, top = plan_order.order, plan_order.is_parent, plan_order.top
 
-        retained: list[_Cached] = list(persisted)
+        retained: list[Cached] = list(persisted)
         retained_tokens = sum(c.kv_len for c in retained)
-        used: list[_Cached] = []  # sources that served this call, in order of first use
-        top_cached: _Cached | None = None
+        used: list[Cached] = []  # sources that served this call, in order of first use
+        top_cached: Cached | None = None
 
-        def best_source(job: _Job) -> _Cached | None:
-            best: _Cached | None = None
-            best_gain = 0
-            for c in retained:
-                g = self._gain(job, c)
-                if g > best_gain:
-                    best, best_gain = c, g
+        def source_for(job: Job) -> Cached | None:
+            best = best_source(job, retained)
             if best is not None and all(u is not best for u in used):
                 used.append(best)
             return best
@@ -807,85 +687,52 @@ class Engine:
                 if not is_parent[i]:
                     continue
                 job = jobs[i]
-                plan = self._plan(job, best_source(job))
+                plan = plan_job(job, source_for(job))
                 keep = retained_tokens + plan.end <= self.cache_tokens
                 cached = self._run_single(plan, keep=keep)
-                results[job.slot] = _totals(plan.lp, job.spans)
+                results[job.slot] = totals(plan.lp, job.spans)
                 if cached is not None:
                     retained.append(cached)
                     retained_tokens += cached.kv_len
                     if i == top:
                         top_cached = cached
             # phase 2: the rest, grouped by the prefix they extend, batched where it pays
-            groups: dict[int, list[_Plan]] = {}
-            for i in order:
-                if is_parent[i]:
-                    continue
-                plan = self._plan(jobs[i], best_source(jobs[i]))
-                if plan.compute.size == 0 or plan.source is None:
-                    key = -1 if plan.compute.size else -2
-                else:
-                    key = id(plan.source)
-                groups.setdefault(key, []).append(plan)
-            for key, plans in groups.items():
-                if key == -2:  # fully reused
+            rest = [plan_job(jobs[i], source_for(jobs[i])) for i in order if not is_parent[i]]
+            for key, plans in group_plans(rest).items():
+                if key == FULLY_REUSED:
                     for plan in plans:
                         self._account_plan(plan)
-                        results[plan.job.slot] = _totals(plan.lp, plan.job.spans)
+                        results[plan.job.slot] = totals(plan.lp, plan.job.spans)
                     continue
-                for batch in self._batches(plans):
+                for batch in batches(
+                    plans,
+                    batch_tokens=self.batch_tokens,
+                    max_batch=self.max_batch,
+                    batch_kv_tokens=self.batch_kv_tokens,
+                ):
                     if len(batch) == 1:
                         self._run_single(batch[0], keep=False)
                     else:
                         self._run_batch(batch)
                     for plan in batch:
-                        results[plan.job.slot] = _totals(plan.lp, plan.job.spans)
+                        results[plan.job.slot] = totals(plan.lp, plan.job.spans)
         if not keep_persist:
             self._persisted = []
             return
         # keep, most recent first: this call's hub, the kept prefixes it used, the others
-        keep_list: list[_Cached] = []
-        for c in [*([top_cached] if top_cached else []), *used, *persisted]:
-            if any(k is c for k in keep_list):
-                continue
-            if sum(k.kv_len for k in keep_list) + c.kv_len > self.prefix_cache_tokens:
-                continue
-            if len(keep_list) < self.prefix_cache_entries:
-                keep_list.append(c)
-        self._persisted = keep_list
-
-    def _batches(self, plans: list[_Plan]) -> list[list[_Plan]]:
-        """Pack plans extending the same prefix into passes within the token budgets."""
-        if self.batch_tokens <= 1 or self.max_batch <= 1 or len(plans) == 1:
-            return [[p] for p in plans]
-        plans = sorted(plans, key=lambda p: -(p.end - p.reuse))
-        out: list[list[_Plan]] = []
-        cur: list[_Plan] = []
-        for p in plans:
-            trial = [*cur, p]
-            longest = max(q.end - q.reuse for q in trial)
-            prefix = max(q.reuse for q in trial)
-            fits = (
-                len(trial) <= self.max_batch
-                and len(trial) * longest <= self.batch_tokens
-                and len(trial) * (prefix + longest) <= self.batch_kv_tokens
-            )
-            if cur and not fits:
-                out.append(cur)
-                cur = [p]
-            else:
-                cur = trial
-        if cur:
-            out.append(cur)
-        return out
+        self._persisted = keep_between_calls(
+            [*([top_cached] if top_cached else []), *used, *persisted],
+            max_tokens=self.prefix_cache_tokens,
+            max_entries=self.prefix_cache_entries,
+        )
 
     # ------------------------------------------------------------------ internals: compute
 
-    def _account_plan(self, plan: _Plan) -> None:
+    def _account_plan(self, plan: Plan) -> None:
         self.stats.cache_hits_tokens += plan.reuse
         self.stats.reused_logprobs += int(plan.job.targets.size - plan.compute.size)
 
-    def _run_single(self, plan: _Plan, *, keep: bool) -> _Cached | None:
+    def _run_single(self, plan: Plan, *, keep: bool) -> Cached | None:
         """Compute one plan alone; return its KV/log-probs as a cached prefix if ``keep``."""
         import torch
 
@@ -895,10 +742,10 @@ class Engine:
             if not keep or plan.source is None:
                 return None
             # nothing to run: the job's prefix is the source's, known log-probs and all
-            p = min(_lcp(job.tokens, plan.source.tokens), plan.source.kv_len)
+            p = min(lcp(job.tokens, plan.source.tokens), plan.source.kv_len)
             if p == plan.source.kv_len:  # the source itself serves whatever this would
                 return plan.source
-            return _Cached(job.tokens, plan.source.kv, p, plan.lp)
+            return Cached(job.tokens, plan.source.kv, p, plan.lp)
         src_kv = plan.source.kv if plan.source is not None else None
         cache = self._cache_from(src_kv, plan.reuse)
         ids = torch.as_tensor(job.tokens, device=self.device)
@@ -916,9 +763,9 @@ class Engine:
         plan.lp[plan.compute] = torch.cat(got).double().cpu().numpy()
         if not keep:
             return None
-        return _Cached(job.tokens, self._cache_kv(cache), plan.end, plan.lp)
+        return Cached(job.tokens, self._cache_kv(cache), plan.end, plan.lp)
 
-    def _run_batch(self, plans: list[_Plan]) -> None:
+    def _run_batch(self, plans: list[Plan]) -> None:
         """Compute plans that extend one cached prefix in right-padded batched passes."""
         import torch
 
