@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,21 +43,21 @@ import numpy as np
 from .._exceptions import ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
 from ..wire import validate_score_request
+from .forward import Forward
 from .plan import (
     FULLY_REUSED,
     Cached,
     Job,
-    Plan,
     batches,
     best_source,
     group_plans,
     keep_between_calls,
-    lcp,
     make_job,
     order_jobs,
     plan_job,
     totals,
 )
+from .stats import EngineStats
 
 if TYPE_CHECKING:
     import torch
@@ -71,58 +70,6 @@ __all__ = ["DEVICE_ENV", "Engine", "EngineStats"]
 DEVICE_ENV = "SCORING_KIT_DEVICE"
 
 _DTYPES = ("float32", "float16", "bfloat16")
-
-#: (key, value) tensors of one layer, shape ``(batch, kv_heads, length, head_dim)``
-_LayerKV = tuple["torch.Tensor", "torch.Tensor"]
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """What the engine has computed since the last :meth:`Engine.reset_stats`.
-
-    Attributes
-    ----------
-    calls : int
-        Requests handled (each item of ``score_many`` counts, and each ``generate``).
-    forward_tokens : int
-        Real tokens pushed through the transformer (padding excluded).
-    logit_rows : int
-        Rows of the LM head computed (one per scored token not reused from a cached prefix).
-    cache_hits_tokens : int
-        Prompt tokens whose KV came from a cached prefix instead of being recomputed.
-    reused_logprobs : int
-        Scored tokens whose log-probability was taken from a cached prefix.
-    pad_tokens : int
-        Padding tokens pushed through the transformer by batched suffix passes.
-    forward_passes : int
-        Calls of the base transformer (one per chunk per batch).
-    seconds : float
-        Wall time spent holding the model.
-    """
-
-    calls: int = 0
-    forward_tokens: int = 0
-    logit_rows: int = 0
-    cache_hits_tokens: int = 0
-    reused_logprobs: int = 0
-    pad_tokens: int = 0
-    forward_passes: int = 0
-    seconds: float = 0.0
-
-    def copy(self) -> EngineStats:
-        """A snapshot of these counters."""
-        return EngineStats(**{f.name: getattr(self, f.name) for f in fields(self)})
-
-    def minus(self, other: EngineStats) -> EngineStats:
-        """Counter-wise difference ``self - other`` (the cost of what ran in between)."""
-        return EngineStats(
-            **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)}
-        )
-
-    def add(self, other: EngineStats) -> None:
-        """Add ``other``'s counters to these, in place."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Engine:
@@ -212,7 +159,6 @@ class Engine:
             prefix_cache_tokens if prefix_cache_tokens is not None else 2 * self.max_len
         )
         self.prefix_cache_entries = max(1, int(prefix_cache_entries))
-        self.stats = EngineStats()
         self._lock = threading.Lock()
         self._persisted: list[Cached] = []
         base = getattr(model, "model", None)
@@ -231,8 +177,17 @@ class Engine:
                 "(get_output_embeddings() is None)",
                 backend="local",
             )
-        self._base = base
-        self._head = head
+        self._fwd = Forward(
+            model,
+            base,
+            head,
+            device=self.device,
+            chunk_tokens=self.chunk_tokens,
+            logit_chunk_rows=self.logit_chunk_rows,
+            softcap=self._softcap,
+            logit_scale=self._logit_scale,
+            stats=EngineStats(),
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -306,6 +261,15 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ stats / cache
+
+    @property
+    def stats(self) -> EngineStats:
+        """What the engine has computed since the last :meth:`reset_stats`."""
+        return self._fwd.stats
+
+    @stats.setter
+    def stats(self, value: EngineStats) -> None:
+        self._fwd.stats = value
 
     def reset_stats(self) -> None:
         """Zero :attr:`stats`."""
@@ -416,23 +380,11 @@ class Engine:
             The request is invalid.
         """
         validate_score_request(prompt, ranges, vocab_size=self.vocab_size, max_len=self.max_len)
-        import torch
-
         tokens = np.asarray(prompt, dtype=np.int64).reshape(-1)
-        with self._lock, torch.inference_mode():
+        with self._lock:
             t0 = time.perf_counter()
             try:
-                ids = torch.as_tensor(tokens, device=self.device)[None]
-                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
-                # log_softmax over the whole (len × vocab) tensor; written as x - logsumexp(x)
-                # because CPU float32 log_softmax drifts by ~1e-5 per token (biased)
-                logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-                tok_lp = logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
-                lp = np.zeros(tokens.shape[0], dtype=np.float64)
-                lp[1:] = tok_lp.double().cpu().numpy()
-                self.stats.forward_tokens += int(tokens.shape[0])
-                self.stats.logit_rows += int(tokens.shape[0])
-                self.stats.forward_passes += 1
+                lp = self._fwd.naive_logprobs(tokens)
             finally:
                 self.stats.calls += 1
                 self.stats.seconds += time.perf_counter() - t0
@@ -526,17 +478,17 @@ class Engine:
         if seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
-        cache = self._new_cache()
+        cache = self._fwd.new_cache()
         ids = torch.as_tensor(tokens, device=self.device)
         hidden: torch.Tensor | None = None
         for c0 in range(0, tokens.shape[0], self.chunk_tokens):
             c1 = min(c0 + self.chunk_tokens, tokens.shape[0])
-            hidden = self._forward(ids[None, c0:c1], c0, cache)[0, -1]
+            hidden = self._fwd.forward(ids[None, c0:c1], c0, cache)[0, -1]
         assert hidden is not None
         pos = int(tokens.shape[0])
         out: list[int] = []
         while True:
-            logits = self._logits(hidden[None])[0]
+            logits = self._fwd.logits(hidden[None])[0]
             tok = self._sample(logits, temperature, top_p, top_k, gen)
             if tok in stops:
                 break
@@ -544,7 +496,7 @@ class Engine:
             if len(out) >= budget:
                 break
             step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-            hidden = self._forward(step, pos, cache)[0, -1]
+            hidden = self._fwd.forward(step, pos, cache)[0, -1]
             pos += 1
         return out
 
@@ -575,96 +527,10 @@ class Engine:
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen).item())
 
-    # ------------------------------------------------------------------ internals: model
-
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def _cache_from(self, kv: Sequence[_LayerKV] | None, length: int, rows: int = 1) -> Any:
-        """A fresh DynamicCache holding ``kv[:, :, :length]`` (expanded to ``rows`` rows)."""
-        cache = self._new_cache()
-        if kv is None or length == 0:
-            return cache
-        for layer, (k, v) in zip(cache.layers, kv, strict=True):
-            ks, vs = k[:, :, :length], v[:, :, :length]
-            if rows != ks.shape[0]:
-                ks = ks.expand(rows, -1, -1, -1)
-                vs = vs.expand(rows, -1, -1, -1)
-            if rows == 1 and hasattr(layer, "lazy_initialization") and hasattr(layer, "keys"):
-                # a view, not a copy: DynamicLayer.update concatenates into a new tensor, so
-                # the source is never written; this saves one copy of the prefix per item
-                layer.lazy_initialization(ks, vs)
-                layer.keys, layer.values = ks, vs
-            else:
-                layer.update(ks, vs)
-        return cache
-
-    @staticmethod
-    def _cache_kv(cache: Any) -> list[_LayerKV]:
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        start: int | torch.Tensor,
-        cache: Any,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run ``ids`` (batch, q) through the base model at positions ``start + arange(q)``.
-
-        ``start`` is an int or a (batch,) tensor of per-row offsets. Returns the final hidden
-        states (batch, q, hidden).
-        """
-        import torch
-
-        q = ids.shape[1]
-        ar = torch.arange(q, device=ids.device)
-        if isinstance(start, int):
-            pos = (ar + start)[None].expand(ids.shape[0], -1)
-        else:
-            pos = start[:, None] + ar[None]
-        out = self._base(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        self.stats.forward_passes += 1
-        hidden: torch.Tensor = out.last_hidden_state
-        return hidden
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._head(hidden).float()
-        if self._logit_scale != 1.0:
-            logits = logits * self._logit_scale
-        if self._softcap:
-            import torch
-
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
-
-    def _row_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``log_softmax(lm_head(hidden))[target]`` per row, ``logit_chunk_rows`` at a time."""
-        import torch
-
-        parts = []
-        for i in range(0, hidden.shape[0], self.logit_chunk_rows):
-            logits = self._logits(hidden[i : i + self.logit_chunk_rows])
-            tgt = targets[i : i + self.logit_chunk_rows]
-            lse = torch.logsumexp(logits, dim=-1)
-            parts.append(logits.gather(1, tgt[:, None])[:, 0] - lse)
-        self.stats.logit_rows += int(hidden.shape[0])
-        return torch.cat(parts) if parts else hidden.new_zeros(0)
-
     # ------------------------------------------------------------------ internals: running
 
     def _run_jobs(self, jobs: list[Job], results: list[FloatArray | PromptError | None]) -> None:
         """Order, plan, compute and fill ``results`` for the valid jobs (see ``plan.py``)."""
-        import torch
-
         persisted = list(self._persisted)
         keep_persist = self.prefix_cache_tokens > 0
         plan_order = order_jobs(jobs, persisted, hub_cache_tokens=self.prefix_cache_tokens)
@@ -681,7 +547,7 @@ class Engine:
                 used.append(best)
             return best
 
-        with torch.inference_mode():
+        with self._fwd.inference_mode():
             # phase 1: items that others extend, one at a time, keeping their KV
             for i in order:
                 if not is_parent[i]:
@@ -689,7 +555,7 @@ class Engine:
                 job = jobs[i]
                 plan = plan_job(job, source_for(job))
                 keep = retained_tokens + plan.end <= self.cache_tokens
-                cached = self._run_single(plan, keep=keep)
+                cached = self._fwd.run_single(plan, keep=keep)
                 results[job.slot] = totals(plan.lp, job.spans)
                 if cached is not None:
                     retained.append(cached)
@@ -701,7 +567,7 @@ class Engine:
             for key, plans in group_plans(rest).items():
                 if key == FULLY_REUSED:
                     for plan in plans:
-                        self._account_plan(plan)
+                        self._fwd.account_plan(plan)
                         results[plan.job.slot] = totals(plan.lp, plan.job.spans)
                     continue
                 for batch in batches(
@@ -711,9 +577,9 @@ class Engine:
                     batch_kv_tokens=self.batch_kv_tokens,
                 ):
                     if len(batch) == 1:
-                        self._run_single(batch[0], keep=False)
+                        self._fwd.run_single(batch[0], keep=False)
                     else:
-                        self._run_batch(batch)
+                        self._fwd.run_batch(batch)
                     for plan in batch:
                         results[plan.job.slot] = totals(plan.lp, plan.job.spans)
         if not keep_persist:
@@ -725,97 +591,3 @@ class Engine:
             max_tokens=self.prefix_cache_tokens,
             max_entries=self.prefix_cache_entries,
         )
-
-    # ------------------------------------------------------------------ internals: compute
-
-    def _account_plan(self, plan: Plan) -> None:
-        self.stats.cache_hits_tokens += plan.reuse
-        self.stats.reused_logprobs += int(plan.job.targets.size - plan.compute.size)
-
-    def _run_single(self, plan: Plan, *, keep: bool) -> Cached | None:
-        """Compute one plan alone; return its KV/log-probs as a cached prefix if ``keep``."""
-        import torch
-
-        job = plan.job
-        self._account_plan(plan)
-        if plan.compute.size == 0:
-            if not keep or plan.source is None:
-                return None
-            # nothing to run: the job's prefix is the source's, known log-probs and all
-            p = min(lcp(job.tokens, plan.source.tokens), plan.source.kv_len)
-            if p == plan.source.kv_len:  # the source itself serves whatever this would
-                return plan.source
-            return Cached(job.tokens, plan.source.kv, p, plan.lp)
-        src_kv = plan.source.kv if plan.source is not None else None
-        cache = self._cache_from(src_kv, plan.reuse)
-        ids = torch.as_tensor(job.tokens, device=self.device)
-        rows = plan.compute - 1  # hidden rows needed, sorted, all >= reuse
-        got: list[torch.Tensor] = []
-        for c0 in range(plan.reuse, plan.end, self.chunk_tokens):
-            c1 = min(c0 + self.chunk_tokens, plan.end)
-            hidden = self._forward(ids[None, c0:c1], c0, cache)[0]
-            lo, hi = np.searchsorted(rows, [c0, c1])
-            if hi > lo:
-                sel = torch.as_tensor(rows[lo:hi] - c0, device=self.device)
-                tgt = ids[torch.as_tensor(plan.compute[lo:hi], device=self.device)]
-                got.append(self._row_logprobs(hidden[sel], tgt))
-        self.stats.forward_tokens += plan.end - plan.reuse
-        plan.lp[plan.compute] = torch.cat(got).double().cpu().numpy()
-        if not keep:
-            return None
-        return Cached(job.tokens, self._cache_kv(cache), plan.end, plan.lp)
-
-    def _run_batch(self, plans: list[Plan]) -> None:
-        """Compute plans that extend one cached prefix in right-padded batched passes."""
-        import torch
-
-        source = plans[0].source
-        b = len(plans)
-        dev = self.device
-        reuse = np.array([p.reuse for p in plans], dtype=np.int64)
-        lens = np.array([p.end - p.reuse for p in plans], dtype=np.int64)
-        big_r = int(reuse.max())
-        s_max = int(lens.max())
-        ids_np = np.zeros((b, s_max), dtype=np.int64)
-        for k, p in enumerate(plans):
-            ids_np[k, : lens[k]] = p.job.tokens[p.reuse : p.end]
-            self._account_plan(p)
-        ids = torch.as_tensor(ids_np, device=dev)
-        starts = torch.as_tensor(reuse, device=dev)
-        cache = self._cache_from(source.kv if source is not None else None, big_r, rows=b)
-        prefix_vis = torch.arange(big_r, device=dev)[None, :] < starts[:, None]  # (b, R)
-        # every (row, suffix-local hidden position, target) to score, in suffix order
-        row_of = np.concatenate([np.full(p.compute.size, k) for k, p in enumerate(plans)])
-        pos_of = np.concatenate([p.compute - 1 - p.reuse for p in plans])
-        tgt_of = np.concatenate([p.job.tokens[p.compute] for p in plans])
-        by_pos = np.argsort(pos_of, kind="stable")
-        row_of, pos_of, tgt_of = row_of[by_pos], pos_of[by_pos], tgt_of[by_pos]
-        got: list[torch.Tensor] = []
-        for c0 in range(0, s_max, self.chunk_tokens):
-            c1 = min(c0 + self.chunk_tokens, s_max)
-            q = c1 - c0
-            qi = torch.arange(c0, c1, device=dev)
-            kj = torch.arange(c1, device=dev)
-            causal = kj[None, :] <= qi[:, None]  # (q, c1)
-            mask = torch.cat(
-                [
-                    prefix_vis[:, None, :].expand(b, q, big_r),
-                    causal[None].expand(b, q, c1),
-                ],
-                dim=2,
-            )[:, None]
-            hidden = self._forward(ids[:, c0:c1], starts + c0, cache, mask=mask)
-            lo, hi = np.searchsorted(pos_of, [c0, c1])
-            if hi > lo:  # one LM-head call for the whole batch's rows in this chunk
-                bi = torch.as_tensor(row_of[lo:hi], device=dev)
-                qi_sel = torch.as_tensor(pos_of[lo:hi] - c0, device=dev)
-                tgt = torch.as_tensor(tgt_of[lo:hi], device=dev)
-                got.append(self._row_logprobs(hidden[bi, qi_sel], tgt))
-        values = np.empty(by_pos.size, dtype=np.float64)
-        values[by_pos] = torch.cat(got).double().cpu().numpy()
-        offset = 0
-        for p in plans:
-            p.lp[p.compute] = values[offset : offset + p.compute.size]
-            offset += p.compute.size
-        self.stats.forward_tokens += int(lens.sum())
-        self.stats.pad_tokens += int(b * s_max - lens.sum())
