@@ -57,11 +57,10 @@ from .plan import (
     plan_job,
     totals,
 )
+from .sampling import check_sampling, sample_tokens
 from .stats import EngineStats
 
 if TYPE_CHECKING:
-    import torch
-
     from ..context.tokenizer import HFTokenizer
 
 __all__ = ["DEVICE_ENV", "Engine", "EngineStats"]
@@ -435,97 +434,31 @@ class Engine:
         """
         validate_score_request(prompt, (), vocab_size=self.vocab_size, max_len=self.max_len)
         n = len(prompt)
-        if n >= self.max_len and max_tokens > 0:
-            raise PromptError(
-                f"prompt has {n} tokens: no room to generate within the model's context of "
-                f"{self.max_len} tokens"
-            )
-        if not 0.0 < top_p <= 1.0:
-            raise PromptError(f"top_p must be in (0, 1], got {top_p}")
-        if temperature != temperature:  # NaN
-            raise PromptError("temperature is NaN")
-        import torch
-
+        check_sampling(
+            n, max_len=self.max_len, max_tokens=max_tokens, temperature=temperature, top_p=top_p
+        )
         tokens = np.asarray(prompt, dtype=np.int64).reshape(-1)
         stops = {int(s) for s in stop_token_ids}
         budget = min(int(max_tokens), self.max_len - n)
         out: list[int] = []
-        with self._lock, torch.inference_mode():
+        with self._lock, self._fwd.inference_mode():
             t0 = time.perf_counter()
             try:
                 if budget > 0:
-                    out = self._generate_locked(
-                        tokens, budget, float(temperature), float(top_p), int(top_k), stops, seed
+                    out = sample_tokens(
+                        self._fwd,
+                        tokens,
+                        budget=budget,
+                        temperature=float(temperature),
+                        top_p=float(top_p),
+                        top_k=int(top_k),
+                        stops=stops,
+                        seed=seed,
                     )
             finally:
                 self.stats.calls += 1
                 self.stats.seconds += time.perf_counter() - t0
         return out, self.tokenizer.decode(out, skip_special_tokens=False)
-
-    def _generate_locked(
-        self,
-        tokens: IntArray,
-        budget: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        stops: set[int],
-        seed: int | None,
-    ) -> list[int]:
-        import torch
-
-        gen: torch.Generator | None = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(seed))
-        cache = self._fwd.new_cache()
-        ids = torch.as_tensor(tokens, device=self.device)
-        hidden: torch.Tensor | None = None
-        for c0 in range(0, tokens.shape[0], self.chunk_tokens):
-            c1 = min(c0 + self.chunk_tokens, tokens.shape[0])
-            hidden = self._fwd.forward(ids[None, c0:c1], c0, cache)[0, -1]
-        assert hidden is not None
-        pos = int(tokens.shape[0])
-        out: list[int] = []
-        while True:
-            logits = self._fwd.logits(hidden[None])[0]
-            tok = self._sample(logits, temperature, top_p, top_k, gen)
-            if tok in stops:
-                break
-            out.append(tok)
-            if len(out) >= budget:
-                break
-            step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-            hidden = self._fwd.forward(step, pos, cache)[0, -1]
-            pos += 1
-        return out
-
-    @staticmethod
-    def _sample(
-        logits: torch.Tensor,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        gen: torch.Generator | None,
-    ) -> int:
-        import torch
-
-        if temperature <= 0.0:
-            return int(torch.argmax(logits).item())
-        scores = logits / temperature
-        if 0 < top_k < scores.shape[-1]:
-            kth = torch.topk(scores, top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            probs = torch.softmax(sorted_scores, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs
-            drop = before > top_p
-            drop[0] = False
-            scores = scores.clone()
-            scores[order[drop]] = float("-inf")
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
 
     # ------------------------------------------------------------------ internals: running
 
