@@ -238,6 +238,24 @@ def test_persistent_prefix_cache(fresh: Engine, convo: Convo) -> None:
     assert fresh.stats.cache_hits_tokens == 0
 
 
+def test_score_many_counted_reports_this_call(fresh: Engine, convo: Convo) -> None:
+    base, spans = convo.render()
+    abl, abl_spans = convo.render(skip=(convo.memories()[0],))
+    fresh.score(base, spans)  # something counted before the call
+    before = fresh.stats.copy()
+    bad = ([1, 2, 3], [(0, 2)])  # start 0 has no context: invalid
+    results, delta = fresh.score_many_counted([(abl, abl_spans), bad, (base, spans)])
+    assert delta == fresh.stats.minus(before)
+    assert delta.calls == 3
+    assert 0 < delta.forward_tokens <= len(abl)
+    assert isinstance(results[1], PromptError)
+    # the same results as score_many
+    again = fresh.score_many([(abl, abl_spans), bad, (base, spans)])
+    for got, want in ((results[0], again[0]), (results[2], again[2])):
+        assert isinstance(got, np.ndarray) and isinstance(want, np.ndarray)
+        np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)
+
+
 def test_batched_suffixes_match_reference(engine: Engine, convo: Convo, reference: Any) -> None:
     """The GPU path (right-padded suffix batches with a custom mask) run on CPU."""
     batched = Engine(

@@ -324,12 +324,27 @@ class Engine:
             Aligned with ``items``: the float64 totals, or the :class:`PromptError` of an
             invalid item (the other items are still scored).
         """
-        return self._score_many_counted(items)[0]
+        return self.score_many_counted(items)[0]
 
-    def _score_many_counted(
+    def score_many_counted(
         self, items: Sequence[tuple[Sequence[int] | IntArray, Sequence[Span]]]
     ) -> tuple[list[FloatArray | PromptError], EngineStats]:
-        """:meth:`score_many`, plus the cost of this call alone."""
+        """:meth:`score_many`, plus what this call alone computed.
+
+        The counters are taken under the engine's lock, so the cost is this call's even when
+        other threads use the engine at the same time (``stats.minus`` around a call is not).
+
+        Parameters
+        ----------
+        items : sequence of (prompt, ranges)
+            As for :meth:`score_many`.
+
+        Returns
+        -------
+        (list, EngineStats)
+            The :meth:`score_many` results, and the counters this call added to
+            :attr:`stats` (``calls`` counts every item, valid or not).
+        """
         results: list[FloatArray | PromptError | None] = [None] * len(items)
         jobs: list[Job] = []
         for slot, item in enumerate(items):
