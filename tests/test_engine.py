@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scoring_kit._exceptions import PromptError
+from scoring_kit._exceptions import ModelLoadError, PromptError
 from scoring_kit.engine.engine import Engine, EngineStats
 from scoring_kit.engine.plan import lcp
 
@@ -404,3 +404,23 @@ def test_engine_attributes(engine: Engine) -> None:
     assert engine.device.split(":")[0] in ("cpu", "cuda", "mps")
     assert engine.tokenizer.im_end_id == 2
     assert "SmolLM2" in repr(engine)
+
+
+def test_model_path_and_device_come_from_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from scoring_kit.engine import loader
+
+    assert loader.MODEL_PATH_ENV == "SCORING_KIT_MODEL_PATH"
+    monkeypatch.setenv("SCORING_KIT_MODEL_PATH", str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelLoadError, match=r"nope\.gguf"):
+        loader.resolve_model()
+    monkeypatch.setenv("SCORING_KIT_MODEL_PATH", "")  # empty counts as unset
+    assert loader.resolve_model().name == loader.DEFAULT_MODEL_NAME
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    monkeypatch.setenv("SCORING_KIT_DEVICE", "cuda:7")
+    with pytest.raises(ModelLoadError, match="cuda:7"):
+        Engine.load()

@@ -32,7 +32,6 @@ What makes it fast (see ``docs/ARCHITECTURE.md``):
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _settings
 from .._exceptions import ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
 from ..wire import validate_score_request
@@ -65,8 +65,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DEVICE_ENV", "Engine", "EngineStats"]
 
-#: Environment variable that picks the device when ``Engine.load`` is given none.
-DEVICE_ENV = "SCORING_KIT_DEVICE"
+#: Environment variable that picks the device when ``Engine.load`` is given none (re-exported
+#: from :mod:`scoring_kit._settings`, which reads it).
+DEVICE_ENV = _settings.DEVICE_ENV
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -240,7 +241,7 @@ class Engine:
                 raise ModelLoadError(f"threads must be >= 1, got {threads}", backend="local")
             torch.set_num_threads(int(threads))
         if device is None:
-            device = os.environ.get(DEVICE_ENV) or None
+            device = _settings.device()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
