@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scoring_kit._exceptions import ModelLoadError, PromptError
+from scoring_kit._exceptions import ConfigError, ModelLoadError, PromptError
 from scoring_kit.engine.engine import Engine, EngineStats
 from scoring_kit.engine.plan import lcp
 
@@ -424,3 +424,10 @@ def test_model_path_and_device_come_from_settings(
     monkeypatch.setenv("SCORING_KIT_DEVICE", "cuda:7")
     with pytest.raises(ModelLoadError, match="cuda:7"):
         Engine.load()
+
+
+@pytest.mark.parametrize("option", ["chunk_tokens", "logit_chunk_rows"])
+def test_bad_engine_options_are_config_errors(engine: Engine, option: str) -> None:
+    with pytest.raises(ConfigError, match=f"{option} must be >= 1, got 0") as info:
+        Engine(engine.model, engine.tokenizer, **{option: 0})
+    assert isinstance(info.value, ValueError)

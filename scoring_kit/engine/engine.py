@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _settings
-from .._exceptions import ModelLoadError, PromptError
+from .._exceptions import ConfigError, ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
 from ..wire import validate_score_request
 from .forward import Forward
@@ -109,6 +109,13 @@ class Engine:
         Most prefixes kept between calls (least recently useful dropped first).
     max_len : int, optional
         Longest prompt accepted (default: the model's ``max_position_embeddings``).
+
+    Raises
+    ------
+    ConfigError
+        ``chunk_tokens`` or ``logit_chunk_rows`` is below 1.
+    ModelLoadError
+        The model has no base transformer or no LM head.
     """
 
     def __init__(
@@ -129,9 +136,9 @@ class Engine:
         max_len: int | None = None,
     ) -> None:
         if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+            raise ConfigError(f"Engine: chunk_tokens must be >= 1, got {chunk_tokens}")
         if logit_chunk_rows < 1:
-            raise ValueError(f"logit_chunk_rows must be >= 1, got {logit_chunk_rows}")
+            raise ConfigError(f"Engine: logit_chunk_rows must be >= 1, got {logit_chunk_rows}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name or tokenizer.name
