@@ -27,6 +27,11 @@ What makes it fast (see ``docs/ARCHITECTURE.md``):
   sent one by one (the seed's ``/score`` traffic) still share the work. Call
   :meth:`Engine.clear_cache` after changing the model's weights.
 
+The package is split by job: ``plan.py`` decides (LCPs, order, sources, batches; numpy
+only), ``execute.py`` carries a call's plan out, ``forward.py`` does the torch work (KV
+caches, chunked prefill, span log-probabilities), ``sampling.py`` generates, ``stats.py``
+counts. This module keeps :class:`Engine`, the public contract.
+
 ``torch`` and ``transformers`` are imported lazily: importing this module is cheap.
 """
 
@@ -43,18 +48,12 @@ from .. import _settings
 from .._exceptions import ConfigError, ModelLoadError, PromptError
 from .._types import FloatArray, IntArray, PathLike, Span
 from ..wire import validate_score_request
+from .execute import Limits, run_jobs
 from .forward import Forward
 from .plan import (
-    FULLY_REUSED,
     Cached,
     Job,
-    batches,
-    best_source,
-    group_plans,
-    keep_between_calls,
     make_job,
-    order_jobs,
-    plan_job,
     totals,
 )
 from .sampling import check_sampling, sample_tokens
@@ -378,7 +377,9 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 if jobs:
-                    self._run_jobs(jobs, results)
+                    self._persisted = run_jobs(
+                        self._fwd, jobs, results, list(self._persisted), self._limits()
+                    )
             finally:
                 self.stats.calls += len(items)
                 self.stats.seconds += time.perf_counter() - t0
@@ -483,67 +484,12 @@ class Engine:
                 self.stats.seconds += time.perf_counter() - t0
         return out, self.tokenizer.decode(out, skip_special_tokens=False)
 
-    # ------------------------------------------------------------------ internals: running
-
-    def _run_jobs(self, jobs: list[Job], results: list[FloatArray | PromptError | None]) -> None:
-        """Order, plan, compute and fill ``results`` for the valid jobs (see ``plan.py``)."""
-        persisted = list(self._persisted)
-        keep_persist = self.prefix_cache_tokens > 0
-        plan_order = order_jobs(jobs, persisted, hub_cache_tokens=self.prefix_cache_tokens)
-        order, is_parent, top = plan_order.order, plan_order.is_parent, plan_order.top
-
-        retained: list[Cached] = list(persisted)
-        retained_tokens = sum(c.kv_len for c in retained)
-        used: list[Cached] = []  # sources that served this call, in order of first use
-        top_cached: Cached | None = None
-
-        def source_for(job: Job) -> Cached | None:
-            best = best_source(job, retained)
-            if best is not None and all(u is not best for u in used):
-                used.append(best)
-            return best
-
-        with self._fwd.inference_mode():
-            # phase 1: items that others extend, one at a time, keeping their KV
-            for i in order:
-                if not is_parent[i]:
-                    continue
-                job = jobs[i]
-                plan = plan_job(job, source_for(job))
-                keep = retained_tokens + plan.end <= self.cache_tokens
-                cached = self._fwd.run_single(plan, keep=keep)
-                results[job.slot] = totals(plan.lp, job.spans)
-                if cached is not None:
-                    retained.append(cached)
-                    retained_tokens += cached.kv_len
-                    if i == top:
-                        top_cached = cached
-            # phase 2: the rest, grouped by the prefix they extend, batched where it pays
-            rest = [plan_job(jobs[i], source_for(jobs[i])) for i in order if not is_parent[i]]
-            for key, plans in group_plans(rest).items():
-                if key == FULLY_REUSED:
-                    for plan in plans:
-                        self._fwd.account_plan(plan)
-                        results[plan.job.slot] = totals(plan.lp, plan.job.spans)
-                    continue
-                for batch in batches(
-                    plans,
-                    batch_tokens=self.batch_tokens,
-                    max_batch=self.max_batch,
-                    batch_kv_tokens=self.batch_kv_tokens,
-                ):
-                    if len(batch) == 1:
-                        self._fwd.run_single(batch[0], keep=False)
-                    else:
-                        self._fwd.run_batch(batch)
-                    for plan in batch:
-                        results[plan.job.slot] = totals(plan.lp, plan.job.spans)
-        if not keep_persist:
-            self._persisted = []
-            return
-        # keep, most recent first: this call's hub, the kept prefixes it used, the others
-        self._persisted = keep_between_calls(
-            [*([top_cached] if top_cached else []), *used, *persisted],
-            max_tokens=self.prefix_cache_tokens,
-            max_entries=self.prefix_cache_entries,
+    def _limits(self) -> Limits:
+        return Limits(
+            cache_tokens=self.cache_tokens,
+            prefix_cache_tokens=self.prefix_cache_tokens,
+            prefix_cache_entries=self.prefix_cache_entries,
+            batch_tokens=self.batch_tokens,
+            max_batch=self.max_batch,
+            batch_kv_tokens=self.batch_kv_tokens,
         )
