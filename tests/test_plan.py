@@ -57,11 +57,13 @@ BASE = list(range(1, 31))  # 30 tokens, no repeats
 TAIL: list[Span] = [(25, 28)]
 
 
-def test_plan_module_imports_no_torch() -> None:
+@pytest.mark.parametrize("module", ["plan", "stats", "execute", "forward", "sampling", "engine"])
+def test_engine_modules_import_no_torch(module: str) -> None:
+    """The plan never needs torch; the torch modules import it lazily, when they run."""
     code = (
-        "import sys, scoring_kit.engine.plan; "
-        "assert 'torch' not in sys.modules, 'plan imported torch'; "
-        "assert 'transformers' not in sys.modules"
+        f"import sys, scoring_kit.engine.{module}; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
