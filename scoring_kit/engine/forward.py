@@ -87,6 +87,7 @@ class Forward:
         return torch.inference_mode()
 
     def new_cache(self) -> Any:
+        """An empty ``transformers.DynamicCache`` for this model."""
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -112,6 +113,7 @@ class Forward:
 
     @staticmethod
     def cache_kv(cache: Any) -> list[_LayerKV]:
+        """The per-layer (key, value) tensors a cache holds (kept as a :class:`Cached` KV)."""
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def forward(
@@ -146,6 +148,7 @@ class Forward:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's float32 logits of ``hidden`` rows (scaled / soft-capped as configured)."""
         logits = self.head(hidden).float()
         if self._logit_scale != 1.0:
             logits = logits * self._logit_scale
@@ -169,6 +172,7 @@ class Forward:
         return torch.cat(parts) if parts else hidden.new_zeros(0)
 
     def account_plan(self, plan: Plan) -> None:
+        """Count what ``plan`` reuses: its KV rows and its known log-probabilities."""
         self.stats.cache_hits_tokens += plan.reuse
         self.stats.reused_logprobs += int(plan.job.targets.size - plan.compute.size)
 
