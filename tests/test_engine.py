@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scoring_kit._exceptions import PromptError
-from scoring_kit.engine.engine import Engine, EngineStats, _lcp, _lcp_matrix
+from scoring_kit._exceptions import ConfigError, ModelLoadError, PromptError
+from scoring_kit.engine.engine import Engine, EngineStats
+from scoring_kit.engine.plan import lcp
 
 TOL = 1e-3
 
@@ -127,22 +128,6 @@ def fresh(engine: Engine) -> Engine:
     return engine
 
 
-# ---------------------------------------------------------------------------- pure helpers
-
-
-def test_lcp_helpers() -> None:
-    a = np.array([1, 2, 3, 4], dtype=np.int64)
-    assert _lcp(a, np.array([1, 2, 9], dtype=np.int64)) == 2
-    assert _lcp(a, a[:2]) == 2
-    assert _lcp(a, np.array([], dtype=np.int64)) == 0
-    rng = np.random.default_rng(3)
-    arrays = [rng.integers(0, 3, size=int(rng.integers(0, 8))).astype(np.int64) for _ in range(30)]
-    m = _lcp_matrix(arrays)
-    for i, x in enumerate(arrays):
-        for j, y in enumerate(arrays):
-            assert m[i, j] == _lcp(x, y), (i, j)
-
-
 # ---------------------------------------------------------------------------- score
 
 
@@ -190,7 +175,7 @@ def test_score_many_prefix_reuse_matches_scratch(
     total_scored = sum(n_scored(s) for _, s in items)
     assert st.logit_rows + st.reused_logprobs == total_scored
     assert st.logit_rows == n_scored(base_spans) + sum(
-        sum(1 for a, b in spans for t in range(a, b) if t >= _lcp(np.array(p), np.array(base)))
+        sum(1 for a, b in spans for t in range(a, b) if t >= lcp(np.array(p), np.array(base)))
         for p, spans in items[1:]
     )
     assert st.calls == len(items)
@@ -251,6 +236,24 @@ def test_persistent_prefix_cache(fresh: Engine, convo: Convo) -> None:
     fresh.reset_stats()
     fresh.score(abl, abl_spans)
     assert fresh.stats.cache_hits_tokens == 0
+
+
+def test_score_many_counted_reports_this_call(fresh: Engine, convo: Convo) -> None:
+    base, spans = convo.render()
+    abl, abl_spans = convo.render(skip=(convo.memories()[0],))
+    fresh.score(base, spans)  # something counted before the call
+    before = fresh.stats.copy()
+    bad = ([1, 2, 3], [(0, 2)])  # start 0 has no context: invalid
+    results, delta = fresh.score_many_counted([(abl, abl_spans), bad, (base, spans)])
+    assert delta == fresh.stats.minus(before)
+    assert delta.calls == 3
+    assert 0 < delta.forward_tokens <= len(abl)
+    assert isinstance(results[1], PromptError)
+    # the same results as score_many
+    again = fresh.score_many([(abl, abl_spans), bad, (base, spans)])
+    for got, want in ((results[0], again[0]), (results[2], again[2])):
+        assert isinstance(got, np.ndarray) and isinstance(want, np.ndarray)
+        np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)
 
 
 def test_batched_suffixes_match_reference(engine: Engine, convo: Convo, reference: Any) -> None:
@@ -401,3 +404,30 @@ def test_engine_attributes(engine: Engine) -> None:
     assert engine.device.split(":")[0] in ("cpu", "cuda", "mps")
     assert engine.tokenizer.im_end_id == 2
     assert "SmolLM2" in repr(engine)
+
+
+def test_model_path_and_device_come_from_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from scoring_kit.engine import loader
+
+    assert loader.MODEL_PATH_ENV == "SCORING_KIT_MODEL_PATH"
+    monkeypatch.setenv("SCORING_KIT_MODEL_PATH", str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelLoadError, match=r"nope\.gguf"):
+        loader.resolve_model()
+    monkeypatch.setenv("SCORING_KIT_MODEL_PATH", "")  # empty counts as unset
+    assert loader.resolve_model().name == loader.DEFAULT_MODEL_NAME
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    monkeypatch.setenv("SCORING_KIT_DEVICE", "cuda:7")
+    with pytest.raises(ModelLoadError, match="cuda:7"):
+        Engine.load()
+
+
+@pytest.mark.parametrize("option", ["chunk_tokens", "logit_chunk_rows"])
+def test_bad_engine_options_are_config_errors(engine: Engine, option: str) -> None:
+    with pytest.raises(ConfigError, match=f"{option} must be >= 1, got 0") as info:
+        Engine(engine.model, engine.tokenizer, **{option: 0})
+    assert isinstance(info.value, ValueError)

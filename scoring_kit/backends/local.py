@@ -135,7 +135,7 @@ class LocalScorer:
             raise err
         engine = await self._get_engine()
         items = [(request.prompt, request.ranges)]
-        results, delta = await asyncio.to_thread(engine._score_many_counted, items)
+        results, delta = await asyncio.to_thread(engine.score_many_counted, items)
         self._account(delta)
         out = results[0]
         if isinstance(out, PromptError):
@@ -169,7 +169,7 @@ class LocalScorer:
                 slots.append(i)
         if slots:
             items = [(requests[i].prompt, requests[i].ranges) for i in slots]
-            results, delta = await asyncio.to_thread(engine._score_many_counted, items)
+            results, delta = await asyncio.to_thread(engine.score_many_counted, items)
             self._account(delta)
             for i, res in zip(slots, results, strict=True):
                 if isinstance(res, PromptError):

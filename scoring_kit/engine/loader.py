@@ -10,11 +10,11 @@ given instead (``--model-path`` / ``SCORING_KIT_MODEL_PATH``).
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _settings
 from .._exceptions import MissingDependencyError, ModelLoadError
 from .._types import PathLike
 
@@ -33,7 +33,8 @@ __all__ = [
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-MODEL_PATH_ENV = "SCORING_KIT_MODEL_PATH"
+#: re-exported from :mod:`scoring_kit._settings`, which reads it
+MODEL_PATH_ENV = _settings.MODEL_PATH_ENV
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ def _embedded_dir() -> Path:
 
 def resolve_model(model_path: PathLike | None = None) -> ModelLocation:
     """Resolve ``model_path`` (a GGUF file, an HF folder, or None for the embedded default)."""
-    raw = model_path if model_path is not None else os.environ.get(MODEL_PATH_ENV) or None
+    raw = model_path if model_path is not None else _settings.model_path()
     if raw is None:
         d = _embedded_dir()
         if not (d / DEFAULT_GGUF).is_file():
