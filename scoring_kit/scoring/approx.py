@@ -37,6 +37,7 @@ from .._exceptions import ScoringError
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
+from .ablation import ascore_ablations
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories
 from .restated import restatement_matrix
@@ -109,16 +110,14 @@ async def _hierarchical(
     tested: list[list[str]] = []
     while level:
         depth += 1
-        reqs = [base_req] + [
-            ctx.wire_prompt(skip=_skip_keys(g)).request(priority=priority) for g in level
-        ]
-        outs = (await scorer.score_batch(reqs))[1:]
+        reqs = [ctx.wire_prompt(skip=_skip_keys(g)).request(priority=priority) for g in level]
+        _, outs = await ascore_ablations(scorer, reqs, sizes=m, lead=[base_req])
         calls += len(level)
         tested += level
         divs = np.full((len(level), m), np.nan)
         for gi, out in enumerate(outs):
-            if not isinstance(out, BaseException):
-                divs[gi] = divergence(baseline, out)
+            if out.ok:
+                divs[gi] = divergence(baseline, out.scores)
         go = set(np.flatnonzero(np.isnan(divs).any(axis=1)).tolist())  # failed: look closer
         filled = np.nan_to_num(divs, nan=0.0)
         if m:
@@ -131,12 +130,8 @@ async def _hierarchical(
         for gi, g in enumerate(level):
             if len(g) == 1:  # a singleton ablation is the exact leave-one-out row
                 i = keys.index(g[0])
-                out = outs[gi]
                 exact_rows.add(g[0])
-                if isinstance(out, BaseException):
-                    without[i], errors[i] = np.nan, str(out) or type(out).__name__
-                else:
-                    without[i] = out
+                without[i], errors[i] = outs[gi].scores, outs[gi].error
             elif gi in go:
                 nxt += _split(g, branching)
         level = nxt
@@ -315,17 +310,19 @@ async def ascore_memories_windowed(
             sub = ctx.wire_prompt(range(0, end), skip=skip_key(k))
             reqs.append(sub.request(priority=priority))
             asked.append((i, [col[int(e)] for e in sub.entries]))
-    outs = await scorer.score_batch(reqs)
-    if isinstance(outs[0], BaseException):
-        raise outs[0]
-    baseline: FloatArray = outs[0]
+    (head,), outs = await ascore_ablations(
+        scorer, reqs[1:], sizes=[len(cols) for _, cols in asked], lead=reqs[:1]
+    )
+    if isinstance(head, BaseException):
+        raise head
+    baseline: FloatArray = head
     without = np.repeat(baseline[None, :], len(mem_keys), axis=0)
     errors: list[str | None] = [None] * len(mem_keys)
-    for (i, cols), out in zip(asked, outs[1:], strict=True):
-        if isinstance(out, BaseException):
-            without[i], errors[i] = np.nan, str(out) or type(out).__name__
+    for (i, cols), out in zip(asked, outs, strict=True):
+        if out.ok:
+            without[i, cols] = out.scores
         else:
-            without[i, cols] = out
+            without[i], errors[i] = np.nan, out.error
     # a response before a memory cannot depend on it: those cells are exact (no divergence)
     # whether or not they were sent; only the cells after a memory's window are estimated
     estimated = int(sum(np.count_nonzero(entries >= spans[k][1]) for k in mem_keys))

@@ -18,8 +18,9 @@ import orjson
 from .._exceptions import ExportError, ScoringError, StoreError
 from .._files import atomic_write_bytes
 from .._types import FloatArray, IntArray, PathLike
-from ..backends.base import DEFAULT_PRIORITY, Scorer, ScoreRequest
+from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, WirePrompt, skip_key
+from .ablation import ascore_ablations
 from .divergence import KEEP_THRESHOLD, column_scores, delta, divergence, row_weights
 
 if TYPE_CHECKING:
@@ -401,27 +402,17 @@ async def ascore_memories(
             # the same batch, so it gets the baseline first in every chunk; a server
             # already saw it first (its prefix cache is warm) and is not sent it again.
             lead = [base_req] if _batch_reuses_prefix(scorer) else []
-            reqs: list[ScoreRequest] = list(lead)
-            for i in chunk:
+            reqs = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
+                    for i in chunk]
+            _, rows = await ascore_ablations(
+                scorer, reqs, sizes=result.baseline.shape[0], lead=lead
+            )
+            for i, ablation in zip(chunk, rows, strict=True):
                 k = mem_keys[i]
-                wp = ctx.wire_prompt(skip=skip_key(k))
-                reqs.append(wp.request(priority=priority))
-            outs = await scorer.score_batch(reqs)
-            for i, out in zip(chunk, outs[len(lead) :], strict=True):
-                k = mem_keys[i]
-                if isinstance(out, BaseException):
-                    result.without[i] = np.nan
-                    result.errors[i] = _describe(out)
-                    log.warning("[scoring-full] %s FAILED: %s", k, result.errors[i])
-                elif out.shape != result.baseline.shape:
-                    result.without[i] = np.nan
-                    result.errors[i] = (
-                        f"ablated call returned {out.shape[0]} scores for "
-                        f"{result.baseline.shape[0]} responses"
-                    )
-                else:
-                    result.without[i] = out
-                    result.errors[i] = None
+                result.without[i] = ablation.scores
+                result.errors[i] = ablation.error
+                if ablation.error is not None:
+                    log.warning("[scoring-full] %s FAILED: %s", k, ablation.error)
                 if on_row is not None:
                     row = None if result.errors[i] else result.divergence[i]
                     on_row(k, row, result.errors[i])
@@ -444,12 +435,6 @@ def _batch_reuses_prefix(scorer: Scorer) -> bool:
     """Whether ``scorer`` benefits from the baseline leading every batch."""
     flag = getattr(scorer, "prefix_batching", None)
     return bool(flag) if flag is not None else getattr(scorer, "name", "") == "local"
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    text = str(exc) or type(exc).__name__
-    return f"{text} (status {status})" if status is not None and str(status) not in text else text
 
 
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
