@@ -26,6 +26,7 @@ responses that restate its content, so those cells are exact too.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
 from .ablation import ascore_ablations
 from .divergence import divergence
-from .matrix import MemoryMatrix, ascore_memories
+from .matrix import MemoryMatrix, ascore_memories, texts_of
 from .restated import restatement_matrix
 from .windows import _first_position, nth_response_end
 
@@ -144,15 +145,18 @@ async def _hierarchical(
         "calls": calls,
         "exact_calls": len(keys) + 1,
     }
+    memory_texts, response_texts = texts_of(ctx, keys, base_wp.entries)
     mat = MemoryMatrix(
-        keys=keys,
+        keys=tuple(keys),
         entries=np.asarray(base_wp.entries, dtype=np.int64),
         baseline=baseline,
         without=without,
-        errors=errors,
+        errors=tuple(errors),
         method="hierarchical",
         approximate=True,
         meta=info,
+        memory_texts=memory_texts,
+        response_texts=response_texts,
     )
     return mat, info
 
@@ -230,21 +234,21 @@ async def ascore_memories_hierarchical(
         info["proxy_search_calls"] = info["calls"] - exact.shape[0] - 1
         sent += base_len + sum(ablated_len[k] for k in exact.keys)
         mat = MemoryMatrix(
-            keys=mem_keys, entries=exact.entries, baseline=exact.baseline, without=without,
-            errors=errors, method="hierarchical+proxy", approximate=True, meta=info,
+            keys=tuple(mem_keys), entries=exact.entries, baseline=exact.baseline,
+            without=without, errors=tuple(errors), method="hierarchical+proxy",
+            approximate=True, meta=info, memory_texts=mat.memory_texts,
+            response_texts=exact.response_texts,
         )
-    mat.meta.update(
-        {
-            "prompt_tokens_sent": int(sent),
-            "exact_prompt_tokens": int(exact_tokens),
-            "computed_tokens": _computed(search)
-            + (_computed(scorer) if proxy is not None else 0)
-            - before,
-            "group_size": gs,
-            "descend_threshold": descend_threshold,
-        }
-    )
-    return mat
+    return dataclasses.replace(mat, meta={
+        **info,
+        "prompt_tokens_sent": int(sent),
+        "exact_prompt_tokens": int(exact_tokens),
+        "computed_tokens": _computed(search)
+        + (_computed(scorer) if proxy is not None else 0)
+        - before,
+        "group_size": gs,
+        "descend_threshold": descend_threshold,
+    })
 
 
 async def ascore_memories_windowed(
@@ -338,8 +342,11 @@ async def ascore_memories_windowed(
         "prompt_tokens_sent": int(sum(len(r.prompt) for r in reqs)),
         "exact_prompt_tokens": int(exact_tokens),
     }
-    return MemoryMatrix(keys=mem_keys, entries=entries, baseline=baseline, without=without,
-                        errors=errors, method="windowed", approximate=True, meta=meta)
+    memory_texts, response_texts = texts_of(ctx, mem_keys, base_wp.entries)
+    return MemoryMatrix(keys=tuple(mem_keys), entries=entries, baseline=baseline,
+                        without=without, errors=tuple(errors), method="windowed",
+                        approximate=True, meta=meta, memory_texts=memory_texts,
+                        response_texts=response_texts)
 
 
 def score_memories_windowed(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:

@@ -1,5 +1,11 @@
 """The full N×M matrix: every memory ablated, every response scored (the reference's
-``score_memories``), with NaN rows for failures, checkpoints and resume."""
+``score_memories``), with NaN rows for failures, checkpoints and resume.
+
+A :class:`MemoryMatrix` is frozen: a flow fills its own arrays and builds the matrix once
+(a checkpointing run builds one per saved chunk). Its one writer, :meth:`MemoryMatrix.save`,
+and its one reader, :meth:`MemoryMatrix.load`, pick the format from the suffix
+(:data:`MATRIX_FORMATS`); the long frame's columns and types are :data:`MATRIX_SCHEMA`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,32 +26,78 @@ from .._exceptions import ExportError, ScoringError, StoreError
 from .._files import atomic_write_bytes
 from .._types import FloatArray, IntArray, PathLike
 from ..backends.base import DEFAULT_PRIORITY, Scorer
-from ..context.model import ContextState, WirePrompt, skip_key
+from ..context.model import ContextState, WirePrompt, skip_key, visible_text
 from .ablation import ascore_ablations
 from .divergence import KEEP_THRESHOLD, column_scores, delta, divergence, row_weights
 
 if TYPE_CHECKING:
     import polars as pl
 
-__all__ = ["MATRIX_COLUMNS", "MemoryMatrix", "ascore_memories", "score_memories"]
+__all__ = [
+    "MATRIX_COLUMNS",
+    "MATRIX_FILE_COLUMNS",
+    "MATRIX_FORMATS",
+    "MATRIX_SCHEMA",
+    "MATRIX_TEXT_COLUMNS",
+    "MemoryMatrix",
+    "ascore_memories",
+    "read_matrix_frame",
+    "score_memories",
+]
 
 log = logging.getLogger(__name__)
 
-#: Columns of :meth:`MemoryMatrix.to_frame` (one row per memory × response).
-MATRIX_COLUMNS = (
-    "memory_key",
-    "entry_index",
-    "baseline",
-    "without",
-    "delta",
-    "divergence",
-    "error",
+#: The one definition of the long matrix frame: column → polars type name, in file order.
+#: One row per (memory, response), memories in key order, responses in column order.
+MATRIX_SCHEMA: Mapping[str, str] = MappingProxyType(
+    {
+        "memory_key": "String",
+        "entry_index": "Int64",
+        "baseline": "Float64",
+        "without": "Float64",
+        "delta": "Float64",
+        "divergence": "Float64",
+        "error": "String",
+        "memory_text": "String",
+        "response_text": "String",
+    }
 )
+#: The text columns of a saved frame (:attr:`MemoryMatrix.memory_texts`, ``response_texts``).
+MATRIX_TEXT_COLUMNS = ("memory_text", "response_text")
+#: Columns of :meth:`MemoryMatrix.to_frame` (the values, without the text columns).
+MATRIX_COLUMNS = tuple(c for c in MATRIX_SCHEMA if c not in MATRIX_TEXT_COLUMNS)
+#: Columns of a saved ``.parquet`` / ``.csv`` and of :func:`read_matrix_frame`.
+MATRIX_FILE_COLUMNS = tuple(MATRIX_SCHEMA)
+#: Suffixes :meth:`MemoryMatrix.save` writes and :meth:`MemoryMatrix.load` reads.
+MATRIX_FORMATS = (".csv", ".npz", ".parquet")
+
+_FLOAT_COLUMNS = ("baseline", "without", "delta", "divergence")
+_PARQUET_KEY = "scoring_kit.matrix"
 
 
-@dataclass(slots=True)
+def _schema(columns: Sequence[str]) -> dict[str, Any]:
+    import polars as pl
+
+    return {c: getattr(pl, MATRIX_SCHEMA[c]) for c in columns}
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _texts(given: Sequence[str], n: int, what: str, of: str) -> tuple[str, ...]:
+    if not given:
+        return ("",) * n
+    if len(given) != n:
+        msg = f"{what} has {len(given)} entries for {n} {of}"
+        raise ScoringError(msg)
+    return tuple(str(t) for t in given)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class MemoryMatrix:
-    """Leave-one-out scores of N memories on M responses.
+    """Leave-one-out scores of N memories on M responses (frozen; arrays read-only).
 
     Attributes
     ----------
@@ -64,25 +117,40 @@ class MemoryMatrix:
         True when the values are not exact leave-one-out totals.
     meta
         Free-form run facts: model, backend, prompt hash, token spend, timings.
+    memory_texts
+        Per memory (aligned with ``keys``): the visible text of its node ("" unknown).
+    response_texts
+        Per response (aligned with ``entries``): its visible text ("" unknown).
+
+    Lists given for the sequence fields are stored as tuples; the arrays are copied and
+    made read-only; empty ``memory_texts`` / ``response_texts`` mean "" for every row.
     """
 
-    keys: list[str]
+    keys: tuple[str, ...]
     entries: IntArray
     baseline: FloatArray
     without: FloatArray
-    errors: list[str | None]
+    errors: tuple[str | None, ...]
     method: str = "loo"
     approximate: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    memory_texts: tuple[str, ...] = ()
+    response_texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n, m = len(self.keys), len(self.entries)
-        self.entries = np.asarray(self.entries, dtype=np.int64).reshape(m)
-        self.baseline = np.asarray(self.baseline, dtype=np.float64).reshape(m)
-        self.without = np.asarray(self.without, dtype=np.float64).reshape(n, m)
+        put = object.__setattr__
+        put(self, "keys", tuple(self.keys))
+        put(self, "entries", _frozen(np.array(self.entries, dtype=np.int64).reshape(m)))
+        put(self, "baseline", _frozen(np.array(self.baseline, dtype=np.float64).reshape(m)))
+        put(self, "without", _frozen(np.array(self.without, dtype=np.float64).reshape(n, m)))
         if len(self.errors) != n:
             msg = f"errors has {len(self.errors)} entries for {n} memories"
             raise ScoringError(msg)
+        put(self, "errors", tuple(self.errors))
+        put(self, "meta", dict(self.meta))
+        put(self, "memory_texts", _texts(self.memory_texts, n, "memory_texts", "memories"))
+        put(self, "response_texts", _texts(self.response_texts, m, "response_texts", "responses"))
 
     # ── derived arrays ───────────────────────────────────────
     @property
@@ -175,42 +243,37 @@ class MemoryMatrix:
         return ctx.with_memory_scores(updates)
 
     # ── frames ───────────────────────────────────────────────
-    def to_frame(self) -> pl.DataFrame:
-        """Tidy polars frame, one row per (memory, response): :data:`MATRIX_COLUMNS`."""
+    def to_frame(self, *, texts: bool = False) -> pl.DataFrame:
+        """Tidy polars frame, one row per (memory, response): :data:`MATRIX_COLUMNS`
+        (NaN in failed cells), plus :data:`MATRIX_TEXT_COLUMNS` with ``texts=True`` (the
+        frame a saved ``.parquet`` / ``.csv`` holds)."""
         import polars as pl
 
         n, m = self.shape
-        errs = [e for e in self.errors for _ in range(m)]
-        return pl.DataFrame(
-            {
-                "memory_key": np.repeat(np.asarray(self.keys, dtype=object), m).tolist(),
-                "entry_index": np.tile(self.entries, n),
-                "baseline": np.tile(self.baseline, n),
-                "without": self.without.reshape(-1),
-                "delta": self.delta.reshape(-1),
-                "divergence": self.divergence.reshape(-1),
-                "error": errs,
-            },
-            schema={
-                "memory_key": pl.String,
-                "entry_index": pl.Int64,
-                "baseline": pl.Float64,
-                "without": pl.Float64,
-                "delta": pl.Float64,
-                "divergence": pl.Float64,
-                "error": pl.String,
-            },
-            nan_to_null=False,
-        )
+        columns: dict[str, Any] = {
+            "memory_key": [k for k in self.keys for _ in range(m)],
+            "entry_index": np.tile(self.entries, n),
+            "baseline": np.tile(self.baseline, n),
+            "without": self.without.reshape(-1),
+            "delta": self.delta.reshape(-1),
+            "divergence": self.divergence.reshape(-1),
+            "error": [e for e in self.errors for _ in range(m)],
+        }
+        if texts:
+            columns["memory_text"] = [t for t in self.memory_texts for _ in range(m)]
+            columns["response_text"] = list(self.response_texts) * n
+        return pl.DataFrame(columns, schema=_schema(list(columns)), nan_to_null=False)
 
     # ── persistence ──────────────────────────────────────────
     def _header(self) -> dict[str, Any]:
         return {
-            "keys": self.keys,
-            "errors": self.errors,
+            "keys": list(self.keys),
+            "errors": list(self.errors),
             "method": self.method,
             "approximate": self.approximate,
-            "meta": self.meta,
+            "meta": dict(self.meta),
+            "memory_texts": list(self.memory_texts),
+            "response_texts": list(self.response_texts),
         }
 
     def to_npz_bytes(self) -> bytes:
@@ -224,74 +287,206 @@ class MemoryMatrix:
         )
         return buf.getvalue()
 
-    def save(self, path: PathLike, *, overwrite: bool = True) -> Path:
-        """Save losslessly, atomically: ``.npz`` or ``.parquet`` (format from the suffix)."""
+    def _file_bytes(self, fmt: str) -> bytes:
+        if fmt == ".npz":
+            return self.to_npz_bytes()
+        buf = io.BytesIO()
+        if fmt == ".parquet":
+            header = {**self._header(), "baseline": self.baseline.tolist(),
+                      "entries": self.entries.tolist()}
+            meta = orjson.dumps(header, default=str).decode()
+            self.to_frame(texts=True).write_parquet(buf, metadata={_PARQUET_KEY: meta})
+        else:
+            import polars as pl
+
+            frame = self.to_frame(texts=True).with_columns(
+                pl.col(c).fill_nan(None) for c in _FLOAT_COLUMNS
+            )
+            frame.write_csv(buf, float_precision=None)
+        return buf.getvalue()
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the matrix atomically; the format comes from the suffix.
+
+        ``.npz`` and ``.parquet`` are lossless (:meth:`load` rebuilds an equal matrix);
+        both hold the header (keys, errors, method, meta, texts). ``.parquet`` holds the
+        long frame (:data:`MATRIX_FILE_COLUMNS`, NaN in failed cells) with the header in
+        its metadata; ``.csv`` holds the same frame only (failed cells empty, the reason
+        in ``error``), so :meth:`load` gets the values and texts back but not ``method``,
+        ``approximate`` or ``meta``.
+
+        Raises
+        ------
+        ExportError
+            Unknown suffix (the valid ones are listed), the path is a folder, it exists and
+            ``overwrite`` is false, or it cannot be written.
+        """
         p = Path(path)
+        fmt = p.suffix.lower()
+        if fmt not in MATRIX_FORMATS:
+            msg = (
+                f"cannot save a matrix as {p.suffix or 'a file without suffix'!r} ({p}); "
+                f"valid suffixes: {', '.join(MATRIX_FORMATS)}"
+            )
+            raise ExportError(msg)
+        if p.is_dir():
+            raise ExportError(f"{p} is a folder, not a file")
         if p.exists() and not overwrite:
             raise ExportError(f"{p} exists; pass overwrite=True to replace it")
-        if p.suffix == ".npz":
-            atomic_write_bytes(p, self.to_npz_bytes())
-        elif p.suffix == ".parquet":
-            buf = io.BytesIO()
-            frame = self.to_frame()
-            meta = orjson.dumps({**self._header(), "baseline": self.baseline.tolist(),
-                                 "entries": self.entries.tolist()}, default=str)
-            frame.write_parquet(buf, metadata={"scoring_kit.matrix": meta.decode()})
-            atomic_write_bytes(p, buf.getvalue())
-        else:
-            msg = f"cannot save a matrix as {p.suffix or 'no suffix'!r}: use .npz or .parquet"
-            raise ExportError(msg)
+        data = self._file_bytes(fmt)
+        try:
+            atomic_write_bytes(p, data)
+        except StoreError as exc:
+            raise ExportError(str(exc)) from exc
         return p
 
     @classmethod
     def load(cls, path: PathLike) -> MemoryMatrix:
-        """Load a matrix written by :meth:`save`."""
+        """Load a matrix written by :meth:`save` (``.npz``, ``.parquet`` or ``.csv``).
+
+        Files written before the text fields existed load with empty texts.
+
+        Raises
+        ------
+        ExportError
+            Unknown suffix, a parquet file that is not a matrix, or a ``.csv`` that is not
+            a matrix frame (the column is named).
+        StoreError
+            An ``.npz`` / ``.parquet`` that cannot be read as a matrix.
+        """
         p = Path(path)
+        fmt = p.suffix.lower()
+        if fmt not in MATRIX_FORMATS:
+            msg = (
+                f"cannot load a matrix from {p.suffix or 'a file without suffix'!r} ({p}); "
+                f"valid suffixes: {', '.join(MATRIX_FORMATS)}"
+            )
+            raise ExportError(msg)
+        if fmt == ".csv":
+            return _from_frame(read_matrix_frame(p), p)
         try:
-            if p.suffix == ".npz":
+            if fmt == ".npz":
                 with np.load(p, allow_pickle=False) as z:
                     header = orjson.loads(z["header"].tobytes())
-                    return cls(
-                        keys=list(header["keys"]),
-                        entries=z["entries"],
-                        baseline=z["baseline"],
-                        without=z["without"],
-                        errors=list(header["errors"]),
-                        method=header.get("method", "loo"),
-                        approximate=bool(header.get("approximate", False)),
-                        meta=dict(header.get("meta", {})),
-                    )
-            if p.suffix == ".parquet":
+                    entries, baseline, without = z["entries"], z["baseline"], z["without"]
+            else:
                 import polars as pl
 
-                meta = pl.read_parquet_metadata(p).get("scoring_kit.matrix")
+                meta = pl.read_parquet_metadata(p).get(_PARQUET_KEY)
                 if meta is None:
                     raise ExportError(f"{p} is a parquet file but not a scoring_kit matrix")
                 header = orjson.loads(meta)
-                frame = pl.read_parquet(p)
                 n, m = len(header["keys"]), len(header["entries"])
+                frame = pl.read_parquet(p, columns=["without"])
                 without = frame["without"].to_numpy().astype(np.float64).reshape(n, m)
-                return cls(
-                    keys=list(header["keys"]),
-                    entries=np.asarray(header["entries"], dtype=np.int64),
-                    baseline=np.asarray(header["baseline"], dtype=np.float64),
-                    without=without,
-                    errors=list(header["errors"]),
-                    method=header.get("method", "loo"),
-                    approximate=bool(header.get("approximate", False)),
-                    meta=dict(header.get("meta", {})),
-                )
+                entries, baseline = header["entries"], header["baseline"]
+            return cls(
+                keys=tuple(header["keys"]),
+                entries=np.asarray(entries, dtype=np.int64),
+                baseline=np.asarray(baseline, dtype=np.float64),
+                without=without,
+                errors=tuple(header["errors"]),
+                method=header.get("method", "loo"),
+                approximate=bool(header.get("approximate", False)),
+                meta=dict(header.get("meta", {})),
+                memory_texts=tuple(header.get("memory_texts") or ()),
+                response_texts=tuple(header.get("response_texts") or ()),
+            )
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, ExportError):
                 raise
             raise StoreError(f"{p}: not a readable scoring_kit matrix: {exc}") from exc
-        msg = f"cannot load a matrix from {p.suffix or 'no suffix'!r}: use .npz or .parquet"
-        raise ExportError(msg)
 
     def __repr__(self) -> str:
         n, m = self.shape
         label = f"{self.method}{' (approximate)' if self.approximate else ''}"
         return f"MemoryMatrix({n} memories × {m} responses, {label}, failed={len(self.failed)})"
+
+
+def read_matrix_frame(path: PathLike) -> pl.DataFrame:
+    """The long frame of a saved matrix (any of :data:`MATRIX_FORMATS`).
+
+    Returns
+    -------
+    pl.DataFrame
+        :data:`MATRIX_FILE_COLUMNS` with null (not NaN) in failed cells; a file written
+        before the text columns existed gets empty strings in them.
+
+    Raises
+    ------
+    ExportError
+        Unknown suffix, unreadable file, or missing or mistyped columns (named).
+    """
+    import polars as pl
+
+    p = Path(path)
+    fmt = p.suffix.lower()
+    if fmt not in MATRIX_FORMATS:
+        msg = (
+            f"cannot read a matrix from {p.suffix or 'a file without suffix'!r} ({p}); "
+            f"valid suffixes: {', '.join(MATRIX_FORMATS)}"
+        )
+        raise ExportError(msg)
+    try:
+        if fmt == ".npz":
+            frame = MemoryMatrix.load(p).to_frame(texts=True)
+        elif fmt == ".parquet":
+            frame = pl.read_parquet(p)
+        else:
+            header = pl.read_csv(p, n_rows=0).columns
+            _require(header, p)
+            frame = pl.read_csv(
+                p, schema_overrides=_schema([c for c in MATRIX_SCHEMA if c in header]),
+                infer_schema_length=0,
+            )
+    except ExportError:
+        raise
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        msg = f"{p}: not a readable matrix export: {exc}"
+        raise ExportError(msg) from exc
+    _require(frame.columns, p)
+    frame = frame.with_columns(
+        pl.lit("").alias(c) for c in MATRIX_TEXT_COLUMNS if c not in frame.columns
+    )
+    try:
+        return frame.select(
+            pl.col(c).cast(t) for c, t in _schema(MATRIX_FILE_COLUMNS).items()
+        ).with_columns(
+            pl.col(c).fill_nan(None) for c in _FLOAT_COLUMNS
+        ).with_columns(pl.col(c).fill_null("") for c in MATRIX_TEXT_COLUMNS)
+    except pl.exceptions.PolarsError as exc:
+        msg = f"{p}: a matrix column has the wrong type: {exc}"
+        raise ExportError(msg) from exc
+
+
+def _require(columns: Sequence[str], p: Path) -> None:
+    missing = [c for c in MATRIX_COLUMNS if c not in columns]
+    if missing:
+        msg = f"{p}: not a matrix export; missing column(s) {', '.join(missing)}"
+        raise ExportError(msg)
+
+
+def _from_frame(frame: pl.DataFrame, p: Path) -> MemoryMatrix:
+    """Rebuild a matrix from its long frame (a ``.csv``: no method, approximate or meta)."""
+    keys = frame["memory_key"].unique(maintain_order=True).to_list()
+    n = len(keys)
+    m = frame.height // n if n else 0
+    if n * m != frame.height or (n and frame["memory_key"].to_list() != [
+        k for k in keys for _ in range(m)
+    ]):
+        msg = f"{p}: not a full matrix frame ({frame.height} rows for {n} memories)"
+        raise ExportError(msg)
+    head = frame.head(m)
+    firsts = frame.gather_every(m) if m else frame.head(0)
+    return MemoryMatrix(
+        keys=tuple(keys),
+        entries=head["entry_index"].to_numpy(),
+        baseline=head["baseline"].fill_null(np.nan).to_numpy(),
+        without=frame["without"].fill_null(np.nan).to_numpy().reshape(n, m),
+        errors=tuple(firsts["error"].to_list()),
+        memory_texts=tuple(firsts["memory_text"].to_list()),
+        response_texts=tuple(head["response_text"].to_list()),
+    )
 
 
 def _prompt_hash(wp: WirePrompt) -> str:
@@ -300,14 +495,28 @@ def _prompt_hash(wp: WirePrompt) -> str:
     return h.hexdigest()
 
 
-def _empty(keys: Sequence[str], wp: WirePrompt | None) -> MemoryMatrix:
+def texts_of(ctx: ContextState, keys: Sequence[str], entries: Sequence[int]
+              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(memory_texts, response_texts)`` of a matrix scored on ``ctx``."""
+    conv = ctx.conversation
+    return (
+        tuple(ctx.memory_text(k) for k in keys),
+        tuple(visible_text(conv[e]) if 0 <= e < len(conv) else "" for e in entries),
+    )
+
+
+def _empty(ctx: ContextState, keys: Sequence[str], wp: WirePrompt | None) -> MemoryMatrix:
     m = 0 if wp is None else len(wp.entries)
+    entries = tuple(wp.entries) if wp else ()
+    memory_texts, response_texts = texts_of(ctx, keys, entries)
     return MemoryMatrix(
-        keys=list(keys),
-        entries=np.asarray(wp.entries if wp else (), dtype=np.int64),
+        keys=tuple(keys),
+        entries=np.asarray(entries, dtype=np.int64),
         baseline=np.zeros(m),
         without=np.full((len(keys), m), np.nan),
-        errors=[None] * len(keys),
+        errors=(None,) * len(keys),
+        memory_texts=memory_texts,
+        response_texts=response_texts,
     )
 
 
@@ -354,45 +563,50 @@ async def ascore_memories(
         raise ScoringError(msg)
     base_wp = ctx.wire_prompt()
     if not mem_keys or not base_wp.ranges:
-        return _empty(mem_keys, base_wp)
+        return _empty(ctx, mem_keys, base_wp)
     phash = _prompt_hash(base_wp)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    result: MemoryMatrix | None = None
-    if ckpt is not None and ckpt.exists():
-        prev = MemoryMatrix.load(ckpt)
-        if prev.meta.get("prompt_hash") != phash or prev.keys != mem_keys:
+    m = len(base_wp.ranges)
+    base_req = base_wp.request(priority=priority)
+    # the working arrays; the matrix is built from them once (and once per checkpoint)
+    without = np.full((len(mem_keys), m), np.nan)
+    errors: list[str | None] = [None] * len(mem_keys)
+    prev = MemoryMatrix.load(ckpt) if ckpt is not None and ckpt.exists() else None
+    if prev is not None:
+        if prev.meta.get("prompt_hash") != phash or list(prev.keys) != mem_keys:
             msg = (
                 f"checkpoint {ckpt} belongs to another context or key list "
                 f"(prompt hash {prev.meta.get('prompt_hash')} != {phash}); "
                 "delete it or pass another path"
             )
             raise StoreError(msg)
-        result = prev
-    base_req = base_wp.request(priority=priority)
-    if result is None:
+        baseline: FloatArray = prev.baseline
+        without[:] = prev.without
+        errors[:] = prev.errors
+        meta = dict(prev.meta)
+    else:
         baseline = await scorer.score(base_req)
-        m = len(base_wp.ranges)
         if baseline.shape != (m,):
             raise ScoringError(f"baseline returned {baseline.shape[0]} scores for {m} responses")
-        result = MemoryMatrix(
-            keys=list(mem_keys),
-            entries=np.asarray(base_wp.entries, dtype=np.int64),
-            baseline=baseline,
-            without=np.full((len(mem_keys), m), np.nan),
-            errors=[None] * len(mem_keys),
-            meta={
-                "prompt_hash": phash,
-                "prompt_tokens": len(base_wp),
-                "backend": getattr(scorer, "name", type(scorer).__name__),
-                "created": _dt.datetime.now(_dt.UTC).isoformat(),
-            },
+        meta = {
+            "prompt_hash": phash,
+            "prompt_tokens": len(base_wp),
+            "backend": getattr(scorer, "name", type(scorer).__name__),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
+        }
+    memory_texts, response_texts = texts_of(ctx, mem_keys, base_wp.entries)
+
+    def build() -> MemoryMatrix:
+        return MemoryMatrix(
+            keys=tuple(mem_keys), entries=np.asarray(base_wp.entries, dtype=np.int64),
+            baseline=baseline, without=without, errors=tuple(errors), meta=meta,
+            memory_texts=memory_texts, response_texts=response_texts,
         )
-        if ckpt is not None:
-            result.save(ckpt)
+
+    if ckpt is not None and prev is None:
+        build().save(ckpt, overwrite=True)
     todo = [
-        i
-        for i in range(len(mem_keys))
-        if result.errors[i] is not None or np.isnan(result.without[i]).any()
+        i for i in range(len(mem_keys)) if errors[i] is not None or np.isnan(without[i]).any()
     ]
     bar = _progress(len(mem_keys), len(mem_keys) - len(todo), enabled=progress)
     try:
@@ -404,31 +618,28 @@ async def ascore_memories(
             lead = [base_req] if _batch_reuses_prefix(scorer) else []
             reqs = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
                     for i in chunk]
-            _, rows = await ascore_ablations(
-                scorer, reqs, sizes=result.baseline.shape[0], lead=lead
-            )
+            _, rows = await ascore_ablations(scorer, reqs, sizes=m, lead=lead)
             for i, ablation in zip(chunk, rows, strict=True):
                 k = mem_keys[i]
-                result.without[i] = ablation.scores
-                result.errors[i] = ablation.error
+                without[i], errors[i] = ablation.scores, ablation.error
                 if ablation.error is not None:
                     log.warning("[scoring-full] %s FAILED: %s", k, ablation.error)
                 if on_row is not None:
-                    row = None if result.errors[i] else result.divergence[i]
-                    on_row(k, row, result.errors[i])
+                    row = None if ablation.error else divergence(baseline, without[i])
+                    on_row(k, row, ablation.error)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(k[:24])
             if ckpt is not None:
-                result.save(ckpt)
+                build().save(ckpt, overwrite=True)
     finally:
         if bar is not None:
             bar.close()
-    result.meta["failed_calls"] = len(result.failed)
+    meta["failed_calls"] = sum(e is not None for e in errors)
     stats = getattr(scorer, "stats", None)
     if stats is not None:
-        result.meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
-    return result
+        meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
+    return build()
 
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
