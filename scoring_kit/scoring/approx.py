@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import ScoringError
+from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
@@ -349,11 +350,7 @@ async def ascore_memories_windowed(
                         response_texts=response_texts)
 
 
-def score_memories_windowed(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories_windowed`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories_windowed(ctx, scorer, **kwargs))
+score_memories_windowed = sync_twin(ascore_memories_windowed, "score_memories_windowed")
 
 
 def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
@@ -390,8 +387,5 @@ def _computed(scorer: Scorer) -> int:
     return int(getattr(stats, "computed_tokens", 0) or 0)
 
 
-def score_memories_hierarchical(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories_hierarchical`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories_hierarchical(ctx, scorer, **kwargs))
+score_memories_hierarchical = sync_twin(ascore_memories_hierarchical,
+                                        "score_memories_hierarchical")

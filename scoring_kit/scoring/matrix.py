@@ -24,6 +24,7 @@ import orjson
 
 from .._exceptions import ExportError, ScoringError, StoreError
 from .._files import atomic_write_bytes
+from .._sync import sync_twin
 from .._types import FloatArray, IntArray, PathLike
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, WirePrompt, skip_key, visible_text
@@ -656,13 +657,7 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
     return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=False)
 
 
-def score_memories(
-    ctx: ContextState, scorer: Scorer, **kwargs: Any
-) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories` (works inside Jupyter too)."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories(ctx, scorer, **kwargs))
+score_memories = sync_twin(ascore_memories, "score_memories")
 
 
 def memory_text_map(ctx: ContextState) -> Mapping[str, str]:

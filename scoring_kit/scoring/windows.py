@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import ScoringError
+from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, is_assistant, memory_key, skip_key
@@ -159,6 +160,8 @@ async def ascore_memories_incremental(
     is reported through ``on_score`` as soon as it is known. Failures are recorded, never
     stored as scores.
     """
+    if not isinstance(store, MemoryStore):
+        raise ScoringError("store must be a MemoryStore")
     ts_now = int(time.time()) if now is None else int(now)
     res = IncrementalResult()
     seen: set[str] = set()
@@ -227,19 +230,8 @@ async def ascore_memories_incremental(
     return res
 
 
-def score_memory(ctx: ContextState, key: str, scorer: Scorer, **kwargs: Any) -> float:
-    """Synchronous :func:`ascore_memory`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memory(ctx, key, scorer, **kwargs))
+score_memory = sync_twin(ascore_memory, "score_memory")
 
 
-def score_memories_incremental(
-    ctx: ContextState, scorer: Scorer, store: MemoryStore, **kwargs: Any
-) -> IncrementalResult:
-    """Synchronous :func:`ascore_memories_incremental`."""
-    from .._sync import run_sync
-
-    if not isinstance(store, MemoryStore):
-        raise ScoringError("store must be a MemoryStore")
-    return run_sync(ascore_memories_incremental(ctx, scorer, store, **kwargs))
+score_memories_incremental = sync_twin(ascore_memories_incremental,
+                                       "score_memories_incremental")
