@@ -1,4 +1,5 @@
-"""The public sync wrappers show their real parameters (inspect.signature, Jupyter's ``?``)."""
+"""The public sync wrappers show their real parameters (inspect.signature, Jupyter's ``?``),
+and the package root exports the session and the approximate flows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import scoring_kit
 from scoring_kit.scoring import approx, finetune, matrix, windows
 from scoring_kit.session import Session, open_session
 
@@ -53,6 +55,20 @@ def test_open_session_has_the_session_parameters() -> None:
     assert list(sig.parameters) == want
     assert want[:3] == ["server", "backend", "model"] and "**" not in str(sig)
     assert sig.return_annotation is Session
+
+
+ROOT_NAMES = ("open_session", "Session", "score_memories_windowed",
+              "score_memories_hierarchical", "ascore_memories_windowed",
+              "ascore_memories_hierarchical")
+
+
+def test_root_exports_the_session_and_the_approximate_flows() -> None:
+    assert set(ROOT_NAMES) <= set(scoring_kit.__all__) <= set(dir(scoring_kit))
+    assert scoring_kit.open_session is open_session
+    assert scoring_kit.score_memories_windowed is approx.score_memories_windowed
+    assert scoring_kit.score_memories_hierarchical is approx.score_memories_hierarchical
+    for name in scoring_kit.__all__:
+        assert getattr(scoring_kit, name) is not None, name
 
 
 def test_import_stays_cheap() -> None:
