@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from .._exceptions import ScoringError
-from ..context.model import render_branch_text
+from ..context.model import visible_text
 from ..scoring.matrix import MATRIX_COLUMNS
 
 if TYPE_CHECKING:
@@ -131,9 +131,7 @@ def _response_texts(entries: Sequence[int], ctx: ContextState | None, n: int | N
     out: list[str] = []
     for e in entries:
         if 0 <= e < len(conv):
-            node = conv[e]
-            out.append(snippet_text(render_branch_text(node.children) if node.is_branch
-                                    else node.text, n))
+            out.append(snippet_text(visible_text(conv[e]), n))
         else:
             out.append("")
     return out
