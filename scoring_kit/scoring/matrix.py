@@ -645,8 +645,7 @@ async def ascore_memories(
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
     """Whether ``scorer`` benefits from the baseline leading every batch."""
-    flag = getattr(scorer, "prefix_batching", None)
-    return bool(flag) if flag is not None else getattr(scorer, "name", "") == "local"
+    return getattr(scorer, "name", "") == "local"
 
 
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
@@ -658,8 +657,3 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
 
 
 score_memories = sync_twin(ascore_memories, "score_memories")
-
-
-def memory_text_map(ctx: ContextState) -> Mapping[str, str]:
-    """``{key: text}`` for every memory of ``ctx`` (first occurrence)."""
-    return {k: ctx.memory_text(k) for k in ctx.memory_keys()}
