@@ -45,10 +45,17 @@ _LAZY: dict[str, str] = {
     "Engine": "scoring_kit.engine.engine",
     "load_tokenizer": "scoring_kit.engine.loader",
     "EmbeddedServer": "scoring_kit.server.runner",
+    # session
+    "Session": "scoring_kit.session",
+    "open_session": "scoring_kit.session",
     # flows
     "MemoryMatrix": "scoring_kit.scoring.matrix",
     "score_memories": "scoring_kit.scoring.matrix",
     "ascore_memories": "scoring_kit.scoring.matrix",
+    "score_memories_windowed": "scoring_kit.scoring.approx",
+    "ascore_memories_windowed": "scoring_kit.scoring.approx",
+    "score_memories_hierarchical": "scoring_kit.scoring.approx",
+    "ascore_memories_hierarchical": "scoring_kit.scoring.approx",
     "score_memory": "scoring_kit.scoring.windows",
     "score_memories_incremental": "scoring_kit.scoring.windows",
     "score_finetune": "scoring_kit.scoring.finetune",

@@ -194,14 +194,15 @@ def cmd_score(args: argparse.Namespace) -> int:
             matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt,
                                     chunk_size=args.chunk_size, progress=not args.quiet)
     from .analysis.charts import heatmap
-    from .analysis.export import export_matrix, save_chart
+    from .analysis.export import save_chart
 
-    export_matrix(matrix, out / "matrix.parquet")
-    matrix.save(out / "matrix.npz")
+    # --out is the run's own folder: its files are replaced on a rerun
+    matrix.save(out / "matrix.parquet", overwrite=True)
+    matrix.save(out / "matrix.npz", overwrite=True)
     chart = heatmap(matrix, ctx)
-    save_chart(chart, out / "heatmap.html")
+    save_chart(chart, out / "heatmap.html", overwrite=True)
     try:
-        save_chart(chart, out / "heatmap.png")
+        save_chart(chart, out / "heatmap.png", overwrite=True)
     except ExportError as exc:
         print(f"scoring-kit: warning: heatmap.png not written: {exc}", file=sys.stderr)
     n, m = matrix.shape
@@ -228,7 +229,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
             trained=TrainedSet(args.trained) if args.trained else TrainedSet(),
             alternates=args.alternates, stop_token_ids=stops,
         )
-    chat = export_candidates(cands, args.out)
+    chat = export_candidates(cands, args.out, overwrite=True)
     print(f"{stats.above_threshold} candidates of {stats.responses_considered} responses "
           f"(threshold {stats.threshold:g}, max divergence {stats.max_divergence:.4f}) -> "
           f"{args.out} and {chat}")

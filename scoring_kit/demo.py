@@ -57,15 +57,16 @@ def run_demo(
             top = matrix.important_memories_for(e)
             lead = f"{top[0][0]} ({top[0][1]:.2f})" if top else "-"
             print(f"  entry {e:>3}  {lead:<22} {ctx.conversation[e].text[:50]}")
-        matrix.save(out_dir / "matrix.parquet")
+        # out_dir is the demo's own folder: its files are replaced on a rerun
+        matrix.save(out_dir / "matrix.parquet", overwrite=True)
         chart = heatmap(matrix, ctx)
-        save_chart(chart, out_dir / "heatmap.html")
-        save_chart(chart, out_dir / "heatmap.png")
+        save_chart(chart, out_dir / "heatmap.html", overwrite=True)
+        save_chart(chart, out_dir / "heatmap.png", overwrite=True)
 
         cands, stats = score_finetune_candidates(
             ctx, sess.scorer, trained=TrainedSet(out_dir / "trained-responses.json")
         )
-        chat = export_candidates(cands, out_dir / "candidates.jsonl")
+        chat = export_candidates(cands, out_dir / "candidates.jsonl", overwrite=True)
         print(f"\nfinetune: {stats.above_threshold} candidates of {stats.responses_considered} "
               f"responses (max divergence {stats.max_divergence:.3f})")
     print(f"\nwrote {out_dir}/matrix.parquet, heatmap.html, heatmap.png, candidates.jsonl, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._sync import run_sync
+from ._sync import run_sync, takes_params_of
 from ._types import PathLike
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class Session:
         return f"Session({self.scorer.name} at {where})"
 
 
-def open_session(server: str | None = None, **kwargs: Any) -> Session:
-    """Open a :class:`Session` (see its parameters)."""
-    return Session(server, **kwargs)
+@takes_params_of(Session)
+def open_session(*args: Any, **kwargs: Any) -> Session:
+    """Open a :class:`Session` (its parameters, shown by :func:`inspect.signature`)."""
+    return Session(*args, **kwargs)

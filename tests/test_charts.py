@@ -23,7 +23,6 @@ from scoring_kit.analysis import (
     heatmap_reduction,
     matrix_frame,
     memory_weights_chart,
-    reduce_for_heatmap,
     response_dependence_chart,
     save_chart,
     top_memories,
@@ -180,7 +179,7 @@ def test_candidates_frame() -> None:
     assert candidates_frame([]).height == 0
 
 
-def test_reduce_for_heatmap_budget_on_200x500() -> None:
+def test_heatmap_reduction_budget_on_200x500() -> None:
     rng = np.random.default_rng(7)
     n, m = 200, 500
     without = -(rng.random((n, m)) ** 3)
@@ -216,9 +215,9 @@ def test_reduce_for_heatmap_budget_on_200x500() -> None:
     first = out.filter(pl.col("memory_rank") == 0)
     assert first["n_responses"].sum() == 500
     assert "140 lighter dropped" in red.summary() and "500 responses" in red.summary()
-    # reduce_for_heatmap is the frame of heatmap_reduction; a tighter budget is honoured
-    assert reduce_for_heatmap(frame, max_memories=10, max_responses=50).height == 500
-    assert reduce_for_heatmap(frame, max_marks=600).height <= 600
+    # a tighter budget is honoured
+    assert heatmap_reduction(frame, max_memories=10, max_responses=50).frame.height == 500
+    assert heatmap_reduction(frame, max_marks=600).frame.height <= 600
     # the heatmap built from it stays under Altair's 5000-row limit and keeps the budget
     (rows,) = _datasets(heatmap(big))
     assert len(rows) <= 5000
@@ -233,7 +232,7 @@ def test_reduce_keeps_small_matrix_whole(matrix: MemoryMatrix) -> None:
     assert failed["divergence"].is_null().all()
     assert failed["failure"].to_list() == [f"failed: {ERR}"] * 3
     with pytest.raises(ScoringError, match="memory_rank"):
-        reduce_for_heatmap(matrix.to_frame())
+        heatmap_reduction(matrix.to_frame())
 
 
 # ── charts ───────────────────────────────────────────────────────

@@ -209,7 +209,8 @@ def test_score_writes_matrix_parquet_and_heatmaps(
                        "heatmap.png\n")
     frame = pl.read_parquet(out / "matrix.parquet")
     assert frame.columns == ["memory_key", "entry_index", "baseline", "without", "delta",
-                             "divergence", "error"] == list(MATRIX_COLUMNS)
+                             "divergence", "error", "memory_text", "response_text"]
+    assert frame.columns[:7] == list(MATRIX_COLUMNS)
     assert frame.height == 3 * 2 and frame["error"].null_count() == 6
     assert frame["memory_key"].unique(maintain_order=True).to_list() == ["pet", "city", "food"]
     assert np.allclose(frame["divergence"], np.maximum(frame["baseline"] - frame["without"], 0))

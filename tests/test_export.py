@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ import orjson
 import polars as pl
 import pytest
 
-from scoring_kit._exceptions import ExportError
+from scoring_kit._exceptions import ExportError, ScoringError
 from scoring_kit.analysis import (
     CANDIDATE_SCHEMA,
     chat_messages,
@@ -273,7 +274,7 @@ def matrix() -> MemoryMatrix:
 
 
 def _expected(matrix: MemoryMatrix) -> pl.DataFrame:
-    return matrix.to_frame().with_columns(
+    return matrix.to_frame(texts=True).with_columns(
         pl.col(c).fill_nan(None) for c in ("baseline", "without", "delta", "divergence")
     )
 
@@ -282,7 +283,7 @@ def _expected(matrix: MemoryMatrix) -> pl.DataFrame:
 def test_matrix_round_trip(matrix: MemoryMatrix, suffix: str, tmp_path: Path) -> None:
     path = export_matrix(matrix, tmp_path / f"m{suffix}")
     frame = read_matrix_frame(path)
-    assert frame.columns == list(MATRIX_COLUMNS)
+    assert frame.columns == [*MATRIX_COLUMNS, "memory_text", "response_text"]
     assert frame.equals(_expected(matrix), null_equal=True)
     failed = frame.filter(pl.col("error").is_not_null())
     assert failed.height == 5 and failed["divergence"].is_null().all()
@@ -295,7 +296,7 @@ def test_matrix_csv_and_parquet_details(matrix: MemoryMatrix, tmp_path: Path) ->
     text = csv.read_text()
     assert "NaN" not in text
     row = next(line for line in text.splitlines() if line.startswith("age,2,"))
-    assert row.endswith(',,,,"timeout, after 30 s"')  # empty without/delta/divergence
+    assert row.endswith(',,,,"timeout, after 30 s","",""')  # empty without/delta/divergence
     pq = export_matrix(matrix, tmp_path / "m.parquet")
     back = MemoryMatrix.load(pq)  # lossless: the matrix's own parquet format
     np.testing.assert_array_equal(back.without, matrix.without)
@@ -303,7 +304,7 @@ def test_matrix_csv_and_parquet_details(matrix: MemoryMatrix, tmp_path: Path) ->
     upper = export_matrix(matrix, tmp_path / "M.PARQUET")
     assert read_matrix_frame(upper).equals(_expected(matrix), null_equal=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M.PARQUET", "m.csv", "m.parquet"]
-    with pytest.raises(ExportError, match=r"\.csv, \.parquet"):
+    with pytest.raises(ExportError, match=r"\.csv, \.npz, \.parquet"):
         export_matrix(matrix, tmp_path / "m.xlsx")
     bad = tmp_path / "bad.csv"
     bad.write_text("memory_key,entry_index\na,1\n")
@@ -313,3 +314,63 @@ def test_matrix_csv_and_parquet_details(matrix: MemoryMatrix, tmp_path: Path) ->
     worse.write_text(",".join(MATRIX_COLUMNS) + "\na,x,1,1,1,1,\n")
     with pytest.raises(ExportError, match=r"worse\.csv"):
         read_matrix_frame(worse)
+
+
+def test_matrix_texts_round_trip_every_format(tmp_path: Path) -> None:
+    m = MemoryMatrix(
+        ["pet", "city"], np.array([1, 3]), np.array([-1.0, -2.0]),
+        np.array([[-1.5, -2.5], [np.nan, np.nan]]), [None, "boom (status 500)"],
+        method="windowed", approximate=True, meta={"window": 2},
+        memory_texts=["Mia has two cats, \"quoted\"", "lives in\nOslo"],
+        response_texts=["Two cats.", "Oslo — «yes» 🐈"],
+    )
+    assert isinstance(m.keys, tuple) and isinstance(m.memory_texts, tuple)
+    for suffix in (".npz", ".parquet", ".csv"):
+        back = MemoryMatrix.load(m.save(tmp_path / f"m{suffix}"))
+        assert back.keys == m.keys and back.errors == m.errors
+        assert back.memory_texts == m.memory_texts
+        assert back.response_texts == m.response_texts
+        np.testing.assert_array_equal(back.without, m.without)
+        np.testing.assert_array_equal(back.baseline, m.baseline)
+        np.testing.assert_array_equal(back.entries, m.entries)
+        lossless = suffix != ".csv"  # a csv holds the frame, not method/meta
+        assert (back.method, back.approximate, dict(back.meta)) == (
+            ("windowed", True, {"window": 2}) if lossless else ("loo", False, {}))
+        frame = read_matrix_frame(tmp_path / f"m{suffix}")
+        assert frame["memory_text"].to_list() == [m.memory_texts[0]] * 2 + [
+            m.memory_texts[1]] * 2
+        assert frame["response_text"].to_list() == list(m.response_texts) * 2
+    pq = pl.read_parquet(tmp_path / "m.parquet")
+    assert pq.columns[-2:] == ["memory_text", "response_text"]
+    with pytest.raises(ExportError, match="exists; pass overwrite=True"):
+        m.save(tmp_path / "m.npz")  # every writer refuses to replace by default
+    with pytest.raises(ScoringError, match="memory_texts has 1 entries for 2 memories"):
+        MemoryMatrix(m.keys, m.entries, m.baseline, m.without, m.errors, memory_texts=["x"])
+
+
+def test_matrix_written_before_the_text_fields_loads_with_empty_texts(
+    matrix: MemoryMatrix, tmp_path: Path
+) -> None:
+    header = {"keys": list(matrix.keys), "errors": list(matrix.errors), "method": "loo",
+              "approximate": False, "meta": {}, "baseline": matrix.baseline.tolist(),
+              "entries": matrix.entries.tolist()}
+    old = tmp_path / "old.parquet"
+    matrix.to_frame().write_parquet(old, metadata={"scoring_kit.matrix": orjson.dumps(
+        header).decode()})
+    back = MemoryMatrix.load(old)
+    assert back.memory_texts == ("",) * 4 and back.response_texts == ("",) * 5
+    np.testing.assert_array_equal(back.without, matrix.without)
+    assert read_matrix_frame(old)["memory_text"].to_list() == [""] * 20
+    old_csv = tmp_path / "old.csv"
+    matrix.to_frame().write_csv(old_csv)
+    assert MemoryMatrix.load(old_csv).memory_texts == ("",) * 4
+
+
+def test_matrix_is_frozen(matrix: MemoryMatrix) -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        matrix.keys = ("x",)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="read-only"):
+        matrix.without[0, 0] = 1.0
+    source = np.zeros((1, 1))
+    MemoryMatrix(["a"], np.array([0]), np.zeros(1), source, [None])
+    source[0, 0] = 2.0  # the matrix copied it; the caller's array stays writable

@@ -57,11 +57,13 @@ the earlier ones included; TRL trains on the whole sequence unless told otherwis
 
 Matrices
 --------
-:func:`export_matrix` writes the long frame (:data:`~scoring_kit.scoring.MATRIX_COLUMNS`)
-as ``.parquet`` (via :meth:`MemoryMatrix.save`, so :meth:`MemoryMatrix.load` reads it back
-losslessly) or ``.csv`` (failed cells: empty ``without``/``delta``/``divergence`` and the
-reason in ``error``). :func:`read_matrix_frame` reads either into the same frame, with
-null (not NaN) for failed cells.
+:meth:`MemoryMatrix.save <scoring_kit.scoring.MemoryMatrix.save>` is the one matrix writer
+(:func:`export_matrix` calls it): ``.parquet`` and ``.npz`` are lossless
+(:meth:`MemoryMatrix.load` rebuilds the matrix), ``.csv`` holds the long frame
+(:data:`~scoring_kit.scoring.MATRIX_FILE_COLUMNS`; failed cells: empty
+``without``/``delta``/``divergence`` and the reason in ``error``).
+:func:`read_matrix_frame` reads any of them into the same frame, with null (not NaN) for
+failed cells.
 """
 
 from __future__ import annotations
@@ -70,19 +72,17 @@ import io
 import json
 import math
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-import polars as pl
 
 from .._exceptions import ExportError, StoreError
 from .._files import atomic_write_bytes
 from .._types import PathLike
 from ..scoring.finetune import FinetuneCandidate
-from ..scoring.matrix import MATRIX_COLUMNS
+from ..scoring.matrix import MATRIX_FORMATS, read_matrix_frame
 
 if TYPE_CHECKING:
     import altair as alt
@@ -109,8 +109,6 @@ __all__ = [
 CANDIDATE_SCHEMA = "scoring_kit.candidate/1"
 #: Suffixes :func:`save_chart` writes.
 CHART_FORMATS = (".html", ".json", ".png", ".svg")
-#: Suffixes :func:`export_matrix` writes.
-MATRIX_FORMATS = (".csv", ".parquet")
 #: Roles a chat record may use.
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -126,17 +124,6 @@ _CANDIDATE_KEYS = (
     "context_ids",
     "continuation_ids",
 )
-
-_MATRIX_SCHEMA: dict[str, Any] = {
-    "memory_key": pl.String,
-    "entry_index": pl.Int64,
-    "baseline": pl.Float64,
-    "without": pl.Float64,
-    "delta": pl.Float64,
-    "divergence": pl.Float64,
-    "error": pl.String,
-}
-
 
 def _write(path: Path, data: bytes) -> None:
     try:
@@ -173,7 +160,7 @@ def save_chart(
     chart: alt.TopLevelMixin,
     path: PathLike,
     *,
-    overwrite: bool = True,
+    overwrite: bool = False,
     scale: float = 1.0,
     renderer: Literal["svg", "canvas"] = "svg",
 ) -> Path:
@@ -415,7 +402,7 @@ def export_candidates(
     *,
     chat_path: PathLike | None = None,
     system_prompt: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write candidates as JSONL plus the chat-format file next to it.
 
@@ -563,102 +550,7 @@ def read_chat(path: PathLike) -> list[dict[str, Any]]:
 # ── matrices ─────────────────────────────────────────────────────
 
 
-def _export_frame(matrix: MemoryMatrix) -> pl.DataFrame:
-    return matrix.to_frame().with_columns(
-        pl.col(c).fill_nan(None) for c in ("baseline", "without", "delta", "divergence")
-    )
-
-
-def export_matrix(matrix: MemoryMatrix, path: PathLike, *, overwrite: bool = True) -> Path:
-    """Write the long matrix frame as ``.parquet`` or ``.csv`` (see the module docstring).
-
-    Raises
-    ------
-    ExportError
-        Unknown suffix (the valid ones are listed), the file exists and ``overwrite`` is
-        false, or it cannot be written.
-    """
-    p = Path(path)
-    fmt = p.suffix.lower()
-    if fmt not in MATRIX_FORMATS:
-        msg = (
-            f"cannot export a matrix as {p.suffix or 'a file without suffix'!r} ({p}); "
-            f"valid suffixes: {', '.join(MATRIX_FORMATS)}"
-        )
-        raise ExportError(msg)
-    _check_target(p, overwrite=overwrite)
-    if fmt == ".parquet":
-        # MemoryMatrix.save writes the long frame plus the header that MemoryMatrix.load
-        # needs; it only accepts a lower-case suffix, so other spellings go via a temp file.
-        try:
-            if p.suffix == ".parquet":
-                matrix.save(p, overwrite=True)
-            else:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=p.parent) as tmp:
-                    t = Path(tmp) / "matrix.parquet"
-                    matrix.save(t, overwrite=True)
-                    _write(p, t.read_bytes())
-        except ExportError:
-            raise
-        except OSError as exc:
-            msg = f"could not write {p}: {exc}"
-            raise ExportError(msg) from exc
-        return p
-    buf = io.BytesIO()
-    _export_frame(matrix).write_csv(buf, float_precision=None)
-    _write(p, buf.getvalue())
-    return p
-
-
-def read_matrix_frame(path: PathLike) -> pl.DataFrame:
-    """Read a matrix written by :func:`export_matrix` (or :meth:`MemoryMatrix.save`).
-
-    Returns
-    -------
-    pl.DataFrame
-        :data:`~scoring_kit.scoring.MATRIX_COLUMNS` with null (not NaN) in failed cells.
-
-    Raises
-    ------
-    ExportError
-        Unknown suffix, unreadable file, or missing columns (named).
-    """
-    p = Path(path)
-    fmt = p.suffix.lower()
-    if fmt not in MATRIX_FORMATS:
-        msg = (
-            f"cannot read a matrix from {p.suffix or 'a file without suffix'!r} ({p}); "
-            f"valid suffixes: {', '.join(MATRIX_FORMATS)}"
-        )
-        raise ExportError(msg)
-    try:
-        if fmt == ".parquet":
-            frame = pl.read_parquet(p)
-        else:
-            header = pl.read_csv(p, n_rows=0).columns
-            missing = [c for c in MATRIX_COLUMNS if c not in header]
-            if missing:
-                msg = f"{p}: not a matrix export; missing column(s) {', '.join(missing)}"
-                raise ExportError(msg)
-            frame = pl.read_csv(
-                p, schema_overrides=_MATRIX_SCHEMA, infer_schema_length=0
-            )
-    except ExportError:
-        raise
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        msg = f"{p}: not a readable matrix export: {exc}"
-        raise ExportError(msg) from exc
-    missing = [c for c in MATRIX_COLUMNS if c not in frame.columns]
-    if missing:
-        msg = f"{p}: not a matrix export; missing column(s) {', '.join(missing)}"
-        raise ExportError(msg)
-    try:
-        return frame.select(
-            pl.col(c).cast(_MATRIX_SCHEMA[c]) for c in MATRIX_COLUMNS
-        ).with_columns(
-            pl.col(c).fill_nan(None) for c in ("baseline", "without", "delta", "divergence")
-        )
-    except pl.exceptions.PolarsError as exc:
-        msg = f"{p}: a matrix column has the wrong type: {exc}"
-        raise ExportError(msg) from exc
+def export_matrix(matrix: MemoryMatrix, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Same as ``matrix.save(path, overwrite=overwrite)`` (:meth:`MemoryMatrix.save`, the
+    one matrix writer; kept under this name for existing callers)."""
+    return matrix.save(path, overwrite=overwrite)

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from .._exceptions import ScoringError
-from ..context.model import render_branch_text
+from ..context.model import visible_text
 from ..scoring.matrix import MATRIX_COLUMNS
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ __all__ = [
     "candidates_frame",
     "heatmap_reduction",
     "matrix_frame",
-    "reduce_for_heatmap",
     "response_frame",
     "snippet_text",
     "top_memories",
@@ -57,7 +56,7 @@ MATRIX_FRAME_COLUMNS: tuple[str, ...] = (
     "response_text",
 )
 
-#: Columns of :func:`reduce_for_heatmap` (one row per kept memory × response bin).
+#: Columns of :attr:`HeatmapReduction.frame` (one row per kept memory × response bin).
 HEATMAP_COLUMNS: tuple[str, ...] = (
     "memory_key",
     "memory_rank",
@@ -131,9 +130,7 @@ def _response_texts(entries: Sequence[int], ctx: ContextState | None, n: int | N
     out: list[str] = []
     for e in entries:
         if 0 <= e < len(conv):
-            node = conv[e]
-            out.append(snippet_text(render_branch_text(node.children) if node.is_branch
-                                    else node.text, n))
+            out.append(snippet_text(visible_text(conv[e]), n))
         else:
             out.append("")
     return out
@@ -519,14 +516,14 @@ def heatmap_reduction(
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
         msg = (
-            f"reduce_for_heatmap: the frame lacks column(s) {', '.join(missing)}; "
+            f"heatmap_reduction: the frame lacks column(s) {', '.join(missing)}; "
             "pass matrix_frame(matrix)"
         )
         raise ScoringError(msg)
     for name, val in (("max_memories", max_memories), ("max_responses", max_responses),
                       ("max_marks", max_marks)):
         if val < 1:
-            msg = f"reduce_for_heatmap: {name} must be at least 1, got {val}"
+            msg = f"heatmap_reduction: {name} must be at least 1, got {val}"
             raise ScoringError(msg)
     f = frame
     for col, default in (
@@ -605,33 +602,3 @@ def heatmap_reduction(
         response_bins=bins if n_resp else 0,
         responses_per_bin=max(per_bin, 1),
     )
-
-
-def reduce_for_heatmap(
-    frame: pl.DataFrame,
-    *,
-    max_memories: int = 60,
-    max_responses: int = 200,
-    max_marks: int = 5000,
-) -> pl.DataFrame:
-    """The reduced frame of :func:`heatmap_reduction` (see there for what is dropped).
-
-    Keeps the ``max_memories`` heaviest memories and bins the responses so that at most
-    ``max_marks`` cells remain (each the max divergence over its bin); columns
-    :data:`HEATMAP_COLUMNS`. Use :func:`heatmap_reduction` to also learn which memories
-    were dropped and how many responses share a bin.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from scoring_kit.scoring import MemoryMatrix
-    >>> rng = np.random.default_rng(0)
-    >>> m = MemoryMatrix([f"m{i}" for i in range(200)], np.arange(500),
-    ...                  np.zeros(500), -rng.random((200, 500)), [None] * 200)
-    >>> small = reduce_for_heatmap(matrix_frame(m))
-    >>> small.height <= 5000, small["memory_key"].n_unique()
-    (True, 60)
-    """
-    return heatmap_reduction(
-        frame, max_memories=max_memories, max_responses=max_responses, max_marks=max_marks
-    ).frame

@@ -239,13 +239,16 @@ class EvaluationResult:
         )
 
     # ── persistence ────────────────────────────────────────────
-    def save(self, path: PathLike) -> Path:
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """Write ``per_case`` as parquet, atomically, with ``meta`` and the summary in the
-        file's key-value metadata (``scoring_kit.evaluation``)."""
+        file's key-value metadata (``scoring_kit.evaluation``); an existing file is an
+        error unless ``overwrite``."""
         p = Path(path)
         if p.suffix != ".parquet":
             msg = f"cannot save an evaluation as {p.suffix or 'no suffix'!r}: use .parquet"
             raise ExportError(msg)
+        if p.exists() and not overwrite:
+            raise ExportError(f"{p} exists; pass overwrite=True to replace it")
         buf = io.BytesIO()
         header = {
             "meta": self.meta,
@@ -528,7 +531,7 @@ def run_evaluate_cli(args: Any) -> int:
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=200, float_precision=3):
             print(result.summary)
         if out is not None:
-            result.save(out)
+            result.save(out, overwrite=True)
             print(f"wrote {out}")
     except ScoringKitError as exc:
         print(f"error: {exc}", file=sys.stderr)

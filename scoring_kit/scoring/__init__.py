@@ -12,7 +12,17 @@ from .finetune import (
     score_finetune,
     score_finetune_candidates,
 )
-from .matrix import MATRIX_COLUMNS, MemoryMatrix, ascore_memories, score_memories
+from .matrix import (
+    MATRIX_COLUMNS,
+    MATRIX_FILE_COLUMNS,
+    MATRIX_FORMATS,
+    MATRIX_SCHEMA,
+    MATRIX_TEXT_COLUMNS,
+    MemoryMatrix,
+    ascore_memories,
+    read_matrix_frame,
+    score_memories,
+)
 from .store import MemoryRecord, MemoryStore, TrainedSet
 from .train import TrainData, asend_to_train, send_to_train
 from .triggers import FinetuneScoringTask, MemoryScoringTask
@@ -27,6 +37,10 @@ from .windows import (
 __all__ = [
     "DEFAULT_THRESHOLD",
     "MATRIX_COLUMNS",
+    "MATRIX_FILE_COLUMNS",
+    "MATRIX_FORMATS",
+    "MATRIX_SCHEMA",
+    "MATRIX_TEXT_COLUMNS",
     "AlternateParams",
     "FinetuneCandidate",
     "FinetuneScoringTask",
@@ -49,6 +63,7 @@ __all__ = [
     "divergence",
     "ewma_weight",
     "iter_finetune_candidates",
+    "read_matrix_frame",
     "row_weights",
     "score_finetune",
     "score_finetune_candidates",

@@ -26,6 +26,7 @@ responses that restate its content, so those cells are exact too.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -34,11 +35,13 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import ScoringError
+from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
+from .ablation import ascore_ablations
 from .divergence import divergence
-from .matrix import MemoryMatrix, ascore_memories
+from .matrix import MemoryMatrix, ascore_memories, texts_of
 from .restated import restatement_matrix
 from .windows import _first_position, nth_response_end
 
@@ -109,16 +112,14 @@ async def _hierarchical(
     tested: list[list[str]] = []
     while level:
         depth += 1
-        reqs = [base_req] + [
-            ctx.wire_prompt(skip=_skip_keys(g)).request(priority=priority) for g in level
-        ]
-        outs = (await scorer.score_batch(reqs))[1:]
+        reqs = [ctx.wire_prompt(skip=_skip_keys(g)).request(priority=priority) for g in level]
+        _, outs = await ascore_ablations(scorer, reqs, sizes=m, lead=[base_req])
         calls += len(level)
         tested += level
         divs = np.full((len(level), m), np.nan)
         for gi, out in enumerate(outs):
-            if not isinstance(out, BaseException):
-                divs[gi] = divergence(baseline, out)
+            if out.ok:
+                divs[gi] = divergence(baseline, out.scores)
         go = set(np.flatnonzero(np.isnan(divs).any(axis=1)).tolist())  # failed: look closer
         filled = np.nan_to_num(divs, nan=0.0)
         if m:
@@ -131,12 +132,8 @@ async def _hierarchical(
         for gi, g in enumerate(level):
             if len(g) == 1:  # a singleton ablation is the exact leave-one-out row
                 i = keys.index(g[0])
-                out = outs[gi]
                 exact_rows.add(g[0])
-                if isinstance(out, BaseException):
-                    without[i], errors[i] = np.nan, str(out) or type(out).__name__
-                else:
-                    without[i] = out
+                without[i], errors[i] = outs[gi].scores, outs[gi].error
             elif gi in go:
                 nxt += _split(g, branching)
         level = nxt
@@ -149,15 +146,18 @@ async def _hierarchical(
         "calls": calls,
         "exact_calls": len(keys) + 1,
     }
+    memory_texts, response_texts = texts_of(ctx, keys, base_wp.entries)
     mat = MemoryMatrix(
-        keys=keys,
+        keys=tuple(keys),
         entries=np.asarray(base_wp.entries, dtype=np.int64),
         baseline=baseline,
         without=without,
-        errors=errors,
+        errors=tuple(errors),
         method="hierarchical",
         approximate=True,
         meta=info,
+        memory_texts=memory_texts,
+        response_texts=response_texts,
     )
     return mat, info
 
@@ -235,21 +235,21 @@ async def ascore_memories_hierarchical(
         info["proxy_search_calls"] = info["calls"] - exact.shape[0] - 1
         sent += base_len + sum(ablated_len[k] for k in exact.keys)
         mat = MemoryMatrix(
-            keys=mem_keys, entries=exact.entries, baseline=exact.baseline, without=without,
-            errors=errors, method="hierarchical+proxy", approximate=True, meta=info,
+            keys=tuple(mem_keys), entries=exact.entries, baseline=exact.baseline,
+            without=without, errors=tuple(errors), method="hierarchical+proxy",
+            approximate=True, meta=info, memory_texts=mat.memory_texts,
+            response_texts=exact.response_texts,
         )
-    mat.meta.update(
-        {
-            "prompt_tokens_sent": int(sent),
-            "exact_prompt_tokens": int(exact_tokens),
-            "computed_tokens": _computed(search)
-            + (_computed(scorer) if proxy is not None else 0)
-            - before,
-            "group_size": gs,
-            "descend_threshold": descend_threshold,
-        }
-    )
-    return mat
+    return dataclasses.replace(mat, meta={
+        **info,
+        "prompt_tokens_sent": int(sent),
+        "exact_prompt_tokens": int(exact_tokens),
+        "computed_tokens": _computed(search)
+        + (_computed(scorer) if proxy is not None else 0)
+        - before,
+        "group_size": gs,
+        "descend_threshold": descend_threshold,
+    })
 
 
 async def ascore_memories_windowed(
@@ -315,17 +315,19 @@ async def ascore_memories_windowed(
             sub = ctx.wire_prompt(range(0, end), skip=skip_key(k))
             reqs.append(sub.request(priority=priority))
             asked.append((i, [col[int(e)] for e in sub.entries]))
-    outs = await scorer.score_batch(reqs)
-    if isinstance(outs[0], BaseException):
-        raise outs[0]
-    baseline: FloatArray = outs[0]
+    (head,), outs = await ascore_ablations(
+        scorer, reqs[1:], sizes=[len(cols) for _, cols in asked], lead=reqs[:1]
+    )
+    if isinstance(head, BaseException):
+        raise head
+    baseline: FloatArray = head
     without = np.repeat(baseline[None, :], len(mem_keys), axis=0)
     errors: list[str | None] = [None] * len(mem_keys)
-    for (i, cols), out in zip(asked, outs[1:], strict=True):
-        if isinstance(out, BaseException):
-            without[i], errors[i] = np.nan, str(out) or type(out).__name__
+    for (i, cols), out in zip(asked, outs, strict=True):
+        if out.ok:
+            without[i, cols] = out.scores
         else:
-            without[i, cols] = out
+            without[i], errors[i] = np.nan, out.error
     # a response before a memory cannot depend on it: those cells are exact (no divergence)
     # whether or not they were sent; only the cells after a memory's window are estimated
     estimated = int(sum(np.count_nonzero(entries >= spans[k][1]) for k in mem_keys))
@@ -341,15 +343,14 @@ async def ascore_memories_windowed(
         "prompt_tokens_sent": int(sum(len(r.prompt) for r in reqs)),
         "exact_prompt_tokens": int(exact_tokens),
     }
-    return MemoryMatrix(keys=mem_keys, entries=entries, baseline=baseline, without=without,
-                        errors=errors, method="windowed", approximate=True, meta=meta)
+    memory_texts, response_texts = texts_of(ctx, mem_keys, base_wp.entries)
+    return MemoryMatrix(keys=tuple(mem_keys), entries=entries, baseline=baseline,
+                        without=without, errors=tuple(errors), method="windowed",
+                        approximate=True, meta=meta, memory_texts=memory_texts,
+                        response_texts=response_texts)
 
 
-def score_memories_windowed(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories_windowed`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories_windowed(ctx, scorer, **kwargs))
+score_memories_windowed = sync_twin(ascore_memories_windowed, "score_memories_windowed")
 
 
 def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
@@ -386,8 +387,5 @@ def _computed(scorer: Scorer) -> int:
     return int(getattr(stats, "computed_tokens", 0) or 0)
 
 
-def score_memories_hierarchical(ctx: ContextState, scorer: Scorer, **kwargs: Any) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories_hierarchical`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories_hierarchical(ctx, scorer, **kwargs))
+score_memories_hierarchical = sync_twin(ascore_memories_hierarchical,
+                                        "score_memories_hierarchical")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._exceptions import ConfigError
 from .._types import FloatArray
 
 __all__ = [
@@ -98,7 +99,7 @@ def ewma_weight(old: float, score: float) -> float:
     """
     if np.isnan(score):
         msg = "cannot update a memory weight with a NaN score (the scoring failed)"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     alpha = 0.5 if score > old else 0.1
     new = alpha * score + (1.0 - alpha) * old
     return float(min(max(new, WEIGHT_MIN), WEIGHT_MAX))

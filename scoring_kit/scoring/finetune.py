@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._sync import sync_twin
 from ..backends.base import DEFAULT_PRIORITY, CompletionRequest, Scorer
 from ..context.model import (
     ContextState,
@@ -224,30 +225,29 @@ async def ascore_finetune_candidates(
     ctx: ContextState,
     scorer: Scorer,
     *,
+    count: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    trained: TrainedSet | None = None,
+    alternates: bool = False,
+    alternate_params: AlternateParams | None = None,
+    stop_token_ids: tuple[int, ...] | None = None,
+    priority: int | None = DEFAULT_PRIORITY,
     on_candidate: Callable[[FinetuneCandidate], None] | None = None,
-    **kwargs: Any,
 ) -> tuple[list[FinetuneCandidate], FinetuneStats]:
-    """All candidates plus the closing stats (``on_candidate`` sees each as it is ready)."""
+    """All candidates plus the closing stats (``on_candidate`` sees each as it is ready);
+    the other parameters are :func:`iter_finetune_candidates`'s."""
     stats: list[FinetuneStats] = []
     out: list[FinetuneCandidate] = []
-    async for c in iter_finetune_candidates(ctx, scorer, stats_out=stats, **kwargs):
+    async for c in iter_finetune_candidates(
+        ctx, scorer, count=count, threshold=threshold, trained=trained, alternates=alternates,
+        alternate_params=alternate_params, stop_token_ids=stop_token_ids, stats_out=stats,
+        priority=priority,
+    ):
         out.append(c)
         if on_candidate is not None:
             on_candidate(c)
     return out, stats[-1]
 
 
-def score_finetune(ctx: ContextState, scorer: Scorer, count: int) -> list[tuple[int, float]]:
-    """Synchronous :func:`ascore_finetune`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_finetune(ctx, scorer, count))
-
-
-def score_finetune_candidates(
-    ctx: ContextState, scorer: Scorer, **kwargs: Any
-) -> tuple[list[FinetuneCandidate], FinetuneStats]:
-    """Synchronous :func:`ascore_finetune_candidates`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_finetune_candidates(ctx, scorer, **kwargs))
+score_finetune = sync_twin(ascore_finetune, "score_finetune")
+score_finetune_candidates = sync_twin(ascore_finetune_candidates, "score_finetune_candidates")

@@ -1,296 +1,50 @@
-"""The full N×M matrix: every memory ablated, every response scored (the reference's
-``score_memories``), with NaN rows for failures, checkpoints and resume."""
+"""The full N×M matrix flow: every memory ablated, every response scored (the reference's
+``score_memories``), with NaN rows for failures, checkpoints and resume. The result,
+:class:`~scoring_kit.scoring.memory_matrix.MemoryMatrix`, and its files live in
+:mod:`scoring_kit.scoring.memory_matrix` (re-exported here).
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import orjson
 
-from .._exceptions import ExportError, ScoringError, StoreError
-from .._files import atomic_write_bytes
-from .._types import FloatArray, IntArray, PathLike
-from ..backends.base import DEFAULT_PRIORITY, Scorer, ScoreRequest
-from ..context.model import ContextState, WirePrompt, skip_key
-from .divergence import KEEP_THRESHOLD, column_scores, delta, divergence, row_weights
-
-if TYPE_CHECKING:
-    import polars as pl
-
-__all__ = ["MATRIX_COLUMNS", "MemoryMatrix", "ascore_memories", "score_memories"]
-
-log = logging.getLogger(__name__)
-
-#: Columns of :meth:`MemoryMatrix.to_frame` (one row per memory × response).
-MATRIX_COLUMNS = (
-    "memory_key",
-    "entry_index",
-    "baseline",
-    "without",
-    "delta",
-    "divergence",
-    "error",
+from .._exceptions import ScoringError, StoreError
+from .._sync import sync_twin
+from .._types import FloatArray, PathLike
+from ..backends.base import DEFAULT_PRIORITY, Scorer
+from ..context.model import ContextState, WirePrompt, skip_key, visible_text
+from .ablation import ascore_ablations
+from .divergence import divergence
+from .memory_matrix import (
+    MATRIX_COLUMNS,
+    MATRIX_FILE_COLUMNS,
+    MATRIX_FORMATS,
+    MATRIX_SCHEMA,
+    MATRIX_TEXT_COLUMNS,
+    MemoryMatrix,
+    read_matrix_frame,
 )
 
+__all__ = [
+    "MATRIX_COLUMNS",
+    "MATRIX_FILE_COLUMNS",
+    "MATRIX_FORMATS",
+    "MATRIX_SCHEMA",
+    "MATRIX_TEXT_COLUMNS",
+    "MemoryMatrix",
+    "ascore_memories",
+    "read_matrix_frame",
+    "score_memories",
+]
 
-@dataclass(slots=True)
-class MemoryMatrix:
-    """Leave-one-out scores of N memories on M responses.
-
-    Attributes
-    ----------
-    keys
-        Memory keys, ``(N,)``, first-seen order (identity, then conversation).
-    entries
-        Conversation index of each response, ``(M,)``.
-    baseline
-        Total log-prob of each response with the full context, ``(M,)``.
-    without
-        Total log-prob with memory i removed, ``(N, M)``; a failed row is NaN.
-    errors
-        Per memory: None, or the error text of its failed call.
-    method
-        ``"loo"`` (exact leave-one-out) or the approximate method that produced it.
-    approximate
-        True when the values are not exact leave-one-out totals.
-    meta
-        Free-form run facts: model, backend, prompt hash, token spend, timings.
-    """
-
-    keys: list[str]
-    entries: IntArray
-    baseline: FloatArray
-    without: FloatArray
-    errors: list[str | None]
-    method: str = "loo"
-    approximate: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n, m = len(self.keys), len(self.entries)
-        self.entries = np.asarray(self.entries, dtype=np.int64).reshape(m)
-        self.baseline = np.asarray(self.baseline, dtype=np.float64).reshape(m)
-        self.without = np.asarray(self.without, dtype=np.float64).reshape(n, m)
-        if len(self.errors) != n:
-            msg = f"errors has {len(self.errors)} entries for {n} memories"
-            raise ScoringError(msg)
-
-    # ── derived arrays ───────────────────────────────────────
-    @property
-    def shape(self) -> tuple[int, int]:
-        return len(self.keys), len(self.entries)
-
-    @property
-    def delta(self) -> FloatArray:
-        """Signed ``baseline - without``, ``(N, M)``."""
-        return delta(self.baseline, self.without)
-
-    @property
-    def divergence(self) -> FloatArray:
-        """``max(baseline - without, 0)``, ``(N, M)``; NaN rows for failed memories."""
-        return divergence(self.baseline, self.without)
-
-    @property
-    def memory_weights(self) -> FloatArray:
-        """Row sums of the divergence, ``(N,)`` (NaN for a failed memory)."""
-        return row_weights(self.divergence)
-
-    @property
-    def response_scores(self) -> FloatArray:
-        """Column sums over the memories that succeeded, ``(M,)``."""
-        return column_scores(self.divergence)
-
-    @property
-    def failed(self) -> list[str]:
-        """Keys whose ablation failed."""
-        return [k for k, e in zip(self.keys, self.errors, strict=True) if e is not None]
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed and not np.isnan(self.without).any()
-
-    def row(self, key: str) -> FloatArray:
-        """Divergence of memory ``key`` on every response."""
-        try:
-            i = self.keys.index(key)
-        except ValueError:
-            msg = f"no memory {key!r} in this matrix; keys: {', '.join(self.keys)}"
-            raise KeyError(msg) from None
-        return self.divergence[i]
-
-    def important_memories_for(
-        self, entry: int, *, threshold: float = KEEP_THRESHOLD
-    ) -> list[tuple[str, float]]:
-        """Memories whose divergence on response ``entry`` is above ``threshold``, sorted.
-
-        ``entry`` is the conversation index of the response (as in the reference).
-        """
-        hits = np.flatnonzero(self.entries == entry)
-        if hits.size == 0:
-            return []
-        col = self.divergence[:, int(hits[0])]
-        out = [(k, float(v)) for k, v in zip(self.keys, col, strict=True) if v > threshold]
-        out.sort(key=lambda kv: -kv[1])
-        return out
-
-    def memory_scores(self, *, threshold: float = KEEP_THRESHOLD) -> dict[int, dict[str, float]]:
-        """Per response entry: ``{key: divergence}`` for cells above ``threshold``."""
-        div = self.divergence
-        out: dict[int, dict[str, float]] = {}
-        for j, e in enumerate(self.entries.tolist()):
-            col = div[:, j]
-            out[e] = {k: float(v) for k, v in zip(self.keys, col, strict=True) if v > threshold}
-        return out
-
-    def apply_to(self, ctx: ContextState, *, threshold: float = KEEP_THRESHOLD) -> ContextState:
-        """Write the per-response memory scores onto the context's assistant branches.
-
-        As the reference does: a cell above ``threshold`` is set, a cell at or below it is
-        removed; failed memories leave the branch's previous value for that key untouched.
-        """
-        div = self.divergence
-        updates: dict[int, dict[str, float]] = {}
-        for j, e in enumerate(self.entries.tolist()):
-            if e >= len(ctx.conversation) or not ctx.conversation[e].is_branch:
-                continue
-            scores = dict(ctx.conversation[e].memory_scores)
-            for i, k in enumerate(self.keys):
-                v = div[i, j]
-                if np.isnan(v):
-                    continue
-                if v > threshold:
-                    scores[k] = float(v)
-                else:
-                    scores.pop(k, None)
-            updates[e] = scores
-        return ctx.with_memory_scores(updates)
-
-    # ── frames ───────────────────────────────────────────────
-    def to_frame(self) -> pl.DataFrame:
-        """Tidy polars frame, one row per (memory, response): :data:`MATRIX_COLUMNS`."""
-        import polars as pl
-
-        n, m = self.shape
-        errs = [e for e in self.errors for _ in range(m)]
-        return pl.DataFrame(
-            {
-                "memory_key": np.repeat(np.asarray(self.keys, dtype=object), m).tolist(),
-                "entry_index": np.tile(self.entries, n),
-                "baseline": np.tile(self.baseline, n),
-                "without": self.without.reshape(-1),
-                "delta": self.delta.reshape(-1),
-                "divergence": self.divergence.reshape(-1),
-                "error": errs,
-            },
-            schema={
-                "memory_key": pl.String,
-                "entry_index": pl.Int64,
-                "baseline": pl.Float64,
-                "without": pl.Float64,
-                "delta": pl.Float64,
-                "divergence": pl.Float64,
-                "error": pl.String,
-            },
-            nan_to_null=False,
-        )
-
-    # ── persistence ──────────────────────────────────────────
-    def _header(self) -> dict[str, Any]:
-        return {
-            "keys": self.keys,
-            "errors": self.errors,
-            "method": self.method,
-            "approximate": self.approximate,
-            "meta": self.meta,
-        }
-
-    def to_npz_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            entries=self.entries,
-            baseline=self.baseline,
-            without=self.without,
-            header=np.frombuffer(orjson.dumps(self._header(), default=str), dtype=np.uint8),
-        )
-        return buf.getvalue()
-
-    def save(self, path: PathLike, *, overwrite: bool = True) -> Path:
-        """Save losslessly, atomically: ``.npz`` or ``.parquet`` (format from the suffix)."""
-        p = Path(path)
-        if p.exists() and not overwrite:
-            raise ExportError(f"{p} exists; pass overwrite=True to replace it")
-        if p.suffix == ".npz":
-            atomic_write_bytes(p, self.to_npz_bytes())
-        elif p.suffix == ".parquet":
-            buf = io.BytesIO()
-            frame = self.to_frame()
-            meta = orjson.dumps({**self._header(), "baseline": self.baseline.tolist(),
-                                 "entries": self.entries.tolist()}, default=str)
-            frame.write_parquet(buf, metadata={"scoring_kit.matrix": meta.decode()})
-            atomic_write_bytes(p, buf.getvalue())
-        else:
-            msg = f"cannot save a matrix as {p.suffix or 'no suffix'!r}: use .npz or .parquet"
-            raise ExportError(msg)
-        return p
-
-    @classmethod
-    def load(cls, path: PathLike) -> MemoryMatrix:
-        """Load a matrix written by :meth:`save`."""
-        p = Path(path)
-        try:
-            if p.suffix == ".npz":
-                with np.load(p, allow_pickle=False) as z:
-                    header = orjson.loads(z["header"].tobytes())
-                    return cls(
-                        keys=list(header["keys"]),
-                        entries=z["entries"],
-                        baseline=z["baseline"],
-                        without=z["without"],
-                        errors=list(header["errors"]),
-                        method=header.get("method", "loo"),
-                        approximate=bool(header.get("approximate", False)),
-                        meta=dict(header.get("meta", {})),
-                    )
-            if p.suffix == ".parquet":
-                import polars as pl
-
-                meta = pl.read_parquet_metadata(p).get("scoring_kit.matrix")
-                if meta is None:
-                    raise ExportError(f"{p} is a parquet file but not a scoring_kit matrix")
-                header = orjson.loads(meta)
-                frame = pl.read_parquet(p)
-                n, m = len(header["keys"]), len(header["entries"])
-                without = frame["without"].to_numpy().astype(np.float64).reshape(n, m)
-                return cls(
-                    keys=list(header["keys"]),
-                    entries=np.asarray(header["entries"], dtype=np.int64),
-                    baseline=np.asarray(header["baseline"], dtype=np.float64),
-                    without=without,
-                    errors=list(header["errors"]),
-                    method=header.get("method", "loo"),
-                    approximate=bool(header.get("approximate", False)),
-                    meta=dict(header.get("meta", {})),
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            if isinstance(exc, ExportError):
-                raise
-            raise StoreError(f"{p}: not a readable scoring_kit matrix: {exc}") from exc
-        msg = f"cannot load a matrix from {p.suffix or 'no suffix'!r}: use .npz or .parquet"
-        raise ExportError(msg)
-
-    def __repr__(self) -> str:
-        n, m = self.shape
-        label = f"{self.method}{' (approximate)' if self.approximate else ''}"
-        return f"MemoryMatrix({n} memories × {m} responses, {label}, failed={len(self.failed)})"
+log = logging.getLogger(__name__)
 
 
 def _prompt_hash(wp: WirePrompt) -> str:
@@ -299,14 +53,28 @@ def _prompt_hash(wp: WirePrompt) -> str:
     return h.hexdigest()
 
 
-def _empty(keys: Sequence[str], wp: WirePrompt | None) -> MemoryMatrix:
+def texts_of(ctx: ContextState, keys: Sequence[str], entries: Sequence[int]
+              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(memory_texts, response_texts)`` of a matrix scored on ``ctx``."""
+    conv = ctx.conversation
+    return (
+        tuple(ctx.memory_text(k) for k in keys),
+        tuple(visible_text(conv[e]) if 0 <= e < len(conv) else "" for e in entries),
+    )
+
+
+def _empty(ctx: ContextState, keys: Sequence[str], wp: WirePrompt | None) -> MemoryMatrix:
     m = 0 if wp is None else len(wp.entries)
+    entries = tuple(wp.entries) if wp else ()
+    memory_texts, response_texts = texts_of(ctx, keys, entries)
     return MemoryMatrix(
-        keys=list(keys),
-        entries=np.asarray(wp.entries if wp else (), dtype=np.int64),
+        keys=tuple(keys),
+        entries=np.asarray(entries, dtype=np.int64),
         baseline=np.zeros(m),
         without=np.full((len(keys), m), np.nan),
-        errors=[None] * len(keys),
+        errors=(None,) * len(keys),
+        memory_texts=memory_texts,
+        response_texts=response_texts,
     )
 
 
@@ -353,45 +121,50 @@ async def ascore_memories(
         raise ScoringError(msg)
     base_wp = ctx.wire_prompt()
     if not mem_keys or not base_wp.ranges:
-        return _empty(mem_keys, base_wp)
+        return _empty(ctx, mem_keys, base_wp)
     phash = _prompt_hash(base_wp)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    result: MemoryMatrix | None = None
-    if ckpt is not None and ckpt.exists():
-        prev = MemoryMatrix.load(ckpt)
-        if prev.meta.get("prompt_hash") != phash or prev.keys != mem_keys:
+    m = len(base_wp.ranges)
+    base_req = base_wp.request(priority=priority)
+    # the working arrays; the matrix is built from them once (and once per checkpoint)
+    without = np.full((len(mem_keys), m), np.nan)
+    errors: list[str | None] = [None] * len(mem_keys)
+    prev = MemoryMatrix.load(ckpt) if ckpt is not None and ckpt.exists() else None
+    if prev is not None:
+        if prev.meta.get("prompt_hash") != phash or list(prev.keys) != mem_keys:
             msg = (
                 f"checkpoint {ckpt} belongs to another context or key list "
                 f"(prompt hash {prev.meta.get('prompt_hash')} != {phash}); "
                 "delete it or pass another path"
             )
             raise StoreError(msg)
-        result = prev
-    base_req = base_wp.request(priority=priority)
-    if result is None:
+        baseline: FloatArray = prev.baseline
+        without[:] = prev.without
+        errors[:] = prev.errors
+        meta = dict(prev.meta)
+    else:
         baseline = await scorer.score(base_req)
-        m = len(base_wp.ranges)
         if baseline.shape != (m,):
             raise ScoringError(f"baseline returned {baseline.shape[0]} scores for {m} responses")
-        result = MemoryMatrix(
-            keys=list(mem_keys),
-            entries=np.asarray(base_wp.entries, dtype=np.int64),
-            baseline=baseline,
-            without=np.full((len(mem_keys), m), np.nan),
-            errors=[None] * len(mem_keys),
-            meta={
-                "prompt_hash": phash,
-                "prompt_tokens": len(base_wp),
-                "backend": getattr(scorer, "name", type(scorer).__name__),
-                "created": _dt.datetime.now(_dt.UTC).isoformat(),
-            },
+        meta = {
+            "prompt_hash": phash,
+            "prompt_tokens": len(base_wp),
+            "backend": getattr(scorer, "name", type(scorer).__name__),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
+        }
+    memory_texts, response_texts = texts_of(ctx, mem_keys, base_wp.entries)
+
+    def build() -> MemoryMatrix:
+        return MemoryMatrix(
+            keys=tuple(mem_keys), entries=np.asarray(base_wp.entries, dtype=np.int64),
+            baseline=baseline, without=without, errors=tuple(errors), meta=meta,
+            memory_texts=memory_texts, response_texts=response_texts,
         )
-        if ckpt is not None:
-            result.save(ckpt)
+
+    if ckpt is not None and prev is None:
+        build().save(ckpt, overwrite=True)
     todo = [
-        i
-        for i in range(len(mem_keys))
-        if result.errors[i] is not None or np.isnan(result.without[i]).any()
+        i for i in range(len(mem_keys)) if errors[i] is not None or np.isnan(without[i]).any()
     ]
     bar = _progress(len(mem_keys), len(mem_keys) - len(todo), enabled=progress)
     try:
@@ -401,55 +174,35 @@ async def ascore_memories(
             # the same batch, so it gets the baseline first in every chunk; a server
             # already saw it first (its prefix cache is warm) and is not sent it again.
             lead = [base_req] if _batch_reuses_prefix(scorer) else []
-            reqs: list[ScoreRequest] = list(lead)
-            for i in chunk:
+            reqs = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
+                    for i in chunk]
+            _, rows = await ascore_ablations(scorer, reqs, sizes=m, lead=lead)
+            for i, ablation in zip(chunk, rows, strict=True):
                 k = mem_keys[i]
-                wp = ctx.wire_prompt(skip=skip_key(k))
-                reqs.append(wp.request(priority=priority))
-            outs = await scorer.score_batch(reqs)
-            for i, out in zip(chunk, outs[len(lead) :], strict=True):
-                k = mem_keys[i]
-                if isinstance(out, BaseException):
-                    result.without[i] = np.nan
-                    result.errors[i] = _describe(out)
-                    log.warning("[scoring-full] %s FAILED: %s", k, result.errors[i])
-                elif out.shape != result.baseline.shape:
-                    result.without[i] = np.nan
-                    result.errors[i] = (
-                        f"ablated call returned {out.shape[0]} scores for "
-                        f"{result.baseline.shape[0]} responses"
-                    )
-                else:
-                    result.without[i] = out
-                    result.errors[i] = None
+                without[i], errors[i] = ablation.scores, ablation.error
+                if ablation.error is not None:
+                    log.warning("[scoring-full] %s FAILED: %s", k, ablation.error)
                 if on_row is not None:
-                    row = None if result.errors[i] else result.divergence[i]
-                    on_row(k, row, result.errors[i])
+                    row = None if ablation.error else divergence(baseline, without[i])
+                    on_row(k, row, ablation.error)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(k[:24])
             if ckpt is not None:
-                result.save(ckpt)
+                build().save(ckpt, overwrite=True)
     finally:
         if bar is not None:
             bar.close()
-    result.meta["failed_calls"] = len(result.failed)
+    meta["failed_calls"] = sum(e is not None for e in errors)
     stats = getattr(scorer, "stats", None)
     if stats is not None:
-        result.meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
-    return result
+        meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
+    return build()
 
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
     """Whether ``scorer`` benefits from the baseline leading every batch."""
-    flag = getattr(scorer, "prefix_batching", None)
-    return bool(flag) if flag is not None else getattr(scorer, "name", "") == "local"
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status_code", None)
-    text = str(exc) or type(exc).__name__
-    return f"{text} (status {status})" if status is not None and str(status) not in text else text
+    return getattr(scorer, "name", "") == "local"
 
 
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
@@ -460,15 +213,4 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
     return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=False)
 
 
-def score_memories(
-    ctx: ContextState, scorer: Scorer, **kwargs: Any
-) -> MemoryMatrix:
-    """Synchronous :func:`ascore_memories` (works inside Jupyter too)."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memories(ctx, scorer, **kwargs))
-
-
-def memory_text_map(ctx: ContextState) -> Mapping[str, str]:
-    """``{key: text}`` for every memory of ``ctx`` (first occurrence)."""
-    return {k: ctx.memory_text(k) for k in ctx.memory_keys()}
+score_memories = sync_twin(ascore_memories, "score_memories")

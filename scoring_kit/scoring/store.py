@@ -7,7 +7,6 @@ processes updating at once lose nothing, and a corrupt or truncated file raises
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import orjson
 
 from .._exceptions import StoreError
 from .._files import locked_update_json
+from .._settings import CACHE_ENV, cache_dir
 from .._types import PathLike
 from .divergence import DEFAULT_INITIAL_WEIGHT, ewma_weight
 
@@ -29,14 +29,13 @@ __all__ = [
     "default_cache_dir",
 ]
 
-CACHE_ENV = "SCORING_KIT_CACHE"
 STORE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    """``$SCORING_KIT_CACHE`` or ``~/.cache/scoring_kit``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "scoring_kit"
+    """``$SCORING_KIT_CACHE`` or ``~/.cache/scoring_kit`` (read by
+    :func:`scoring_kit._settings.cache_dir`)."""
+    return cache_dir()
 
 
 def _read_json(path: Path) -> Any:

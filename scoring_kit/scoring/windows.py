@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 
 from .._exceptions import ScoringError
+from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, is_assistant, memory_key, skip_key
+from .ablation import ascore_ablations, describe_error
 from .divergence import divergence
 from .store import MemoryStore
 
@@ -67,15 +69,17 @@ async def ascore_divergence(
     """
     base = ctx.wire_prompt(entries)
     without = ctx.wire_prompt(entries, skip)
-    outs = await scorer.score_batch(
-        [base.request(priority=priority), without.request(priority=priority)]
+    (b,), (w,) = await ascore_ablations(
+        scorer, [without.request(priority=priority)], sizes=len(base.entries),
+        lead=[base.request(priority=priority)],
     )
-    for o in outs:
-        if isinstance(o, BaseException):
-            raise o
-    b, w = outs
-    assert not isinstance(b, BaseException) and not isinstance(w, BaseException)
-    return divergence(b, w), b, base.entries
+    if isinstance(b, BaseException):
+        raise b
+    if w.exc is not None:
+        raise w.exc
+    if w.error is not None:
+        raise ScoringError(w.error)
+    return divergence(b, w.scores), b, base.entries
 
 
 def _first_position(ctx: ContextState, key: str) -> int | None:
@@ -156,6 +160,8 @@ async def ascore_memories_incremental(
     is reported through ``on_score`` as soon as it is known. Failures are recorded, never
     stored as scores.
     """
+    if not isinstance(store, MemoryStore):
+        raise ScoringError("store must be a MemoryStore")
     ts_now = int(time.time()) if now is None else int(now)
     res = IncrementalResult()
     seen: set[str] = set()
@@ -204,7 +210,7 @@ async def ascore_memories_incremental(
                 )
             except Exception as exc:  # a failure is recorded, the run goes on
                 log.warning("[scoring] %s FAILED: %s", key, exc)
-                res.failed.append((key, str(exc) or type(exc).__name__))
+                res.failed.append((key, describe_error(exc)))
             else:
                 if divs.size == 0 or np.isnan(divs).any():
                     res.failed.append((key, "scorer returned no usable scores"))
@@ -224,19 +230,8 @@ async def ascore_memories_incremental(
     return res
 
 
-def score_memory(ctx: ContextState, key: str, scorer: Scorer, **kwargs: Any) -> float:
-    """Synchronous :func:`ascore_memory`."""
-    from .._sync import run_sync
-
-    return run_sync(ascore_memory(ctx, key, scorer, **kwargs))
+score_memory = sync_twin(ascore_memory, "score_memory")
 
 
-def score_memories_incremental(
-    ctx: ContextState, scorer: Scorer, store: MemoryStore, **kwargs: Any
-) -> IncrementalResult:
-    """Synchronous :func:`ascore_memories_incremental`."""
-    from .._sync import run_sync
-
-    if not isinstance(store, MemoryStore):
-        raise ScoringError("store must be a MemoryStore")
-    return run_sync(ascore_memories_incremental(ctx, scorer, store, **kwargs))
+score_memories_incremental = sync_twin(ascore_memories_incremental,
+                                       "score_memories_incremental")
