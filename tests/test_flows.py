@@ -72,7 +72,7 @@ def msgs(*pairs: tuple[str, str], **keys: str) -> list[dict[str, str]]:
 
 # ── full matrix ─────────────────────────────────────────────────────
 def test_matrix_shape_and_arrays(matrix: MemoryMatrix, ctx: ContextState) -> None:
-    assert matrix.keys == ctx.memory_keys()
+    assert list(matrix.keys) == ctx.memory_keys()
     assert matrix.entries.tolist() == ctx.response_indices()
     assert matrix.without.shape == matrix.divergence.shape == (8, 13)
     assert matrix.complete and matrix.failed == []
