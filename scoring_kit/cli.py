@@ -166,7 +166,9 @@ def _is_plain(path: Path) -> bool:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .context.io import save_context
     from .scoring.matrix import score_memories
+    from .scoring.writeback import LiveContext
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +193,11 @@ def cmd_score(args: argparse.Namespace) -> int:
                   f"{meta['prompt_tokens_sent']:,} of {meta['exact_prompt_tokens']:,} prompt "
                   f"tokens; {estimated}", file=sys.stderr)
         else:
+            live = LiveContext(ctx)  # the seed's per-response memory_scores, saved below
             matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt,
-                                    chunk_size=args.chunk_size, progress=not args.quiet)
+                                    chunk_size=args.chunk_size, progress=not args.quiet,
+                                    write_back=live)
+            save_context(live.context, out / "context.jsonl")
     from .analysis.charts import heatmap
     from .analysis.export import export_matrix, save_chart
 
@@ -350,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("conversation", type=Path,
                     help="conversation file (plain messages or tokenized context JSONL)")
     sc.add_argument("--out", type=Path, required=True, metavar="DIR",
-                    help="output folder: matrix.parquet, matrix.npz, heatmap.html/.png, and "
-                         "matrix.ckpt.npz while running (a rerun resumes from it)")
+                    help="output folder: matrix.parquet, matrix.npz, heatmap.html/.png, "
+                         "context.jsonl (the tokenized context with each response's "
+                         "memory_scores; exact runs), and matrix.ckpt.npz while running (a "
+                         "rerun resumes from it)")
     sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
                     help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -379,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=_positive_float, default=1e-7,
                    help="minimum divergence (default 1e-7)")
     c.add_argument("--count", type=_int_at_least(1), default=None,
-                   help="score the newest COUNT entries (default: the newer half)")
+                   help="score the newest COUNT entries, at least 1 (default: the newer half; a "
+                        "COUNT above the conversation length scores it all)")
     c.add_argument("--alternates", action="store_true",
                    help="also generate what the model says with memories removed")
     c.add_argument("--trained", default=None, help="trained-set file (skip trained responses)")

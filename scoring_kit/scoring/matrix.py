@@ -21,6 +21,7 @@ from .._types import FloatArray, IntArray, PathLike
 from ..backends.base import DEFAULT_PRIORITY, Scorer, ScoreRequest
 from ..context.model import ContextState, WirePrompt, skip_key
 from .divergence import KEEP_THRESHOLD, column_scores, delta, divergence, row_weights
+from .writeback import LiveContext, apply_matrix
 
 if TYPE_CHECKING:
     import polars as pl
@@ -154,24 +155,10 @@ class MemoryMatrix:
         """Write the per-response memory scores onto the context's assistant branches.
 
         As the reference does: a cell above ``threshold`` is set, a cell at or below it is
-        removed; failed memories leave the branch's previous value for that key untouched.
+        removed, and a failed (NaN) row removes that memory's previous values (the seed's
+        failed row is zeros); see :mod:`scoring_kit.scoring.writeback`.
         """
-        div = self.divergence
-        updates: dict[int, dict[str, float]] = {}
-        for j, e in enumerate(self.entries.tolist()):
-            if e >= len(ctx.conversation) or not ctx.conversation[e].is_branch:
-                continue
-            scores = dict(ctx.conversation[e].memory_scores)
-            for i, k in enumerate(self.keys):
-                v = div[i, j]
-                if np.isnan(v):
-                    continue
-                if v > threshold:
-                    scores[k] = float(v)
-                else:
-                    scores.pop(k, None)
-            updates[e] = scores
-        return ctx.with_memory_scores(updates)
+        return apply_matrix(ctx, self, threshold=threshold)
 
     # ── frames ───────────────────────────────────────────────
     def to_frame(self) -> pl.DataFrame:
@@ -323,6 +310,7 @@ async def ascore_memories(
     priority: int | None = DEFAULT_PRIORITY,
     progress: bool = True,
     on_row: Callable[[str, FloatArray | None, str | None], None] | None = None,
+    write_back: LiveContext | None = None,
 ) -> MemoryMatrix:
     """Score how important each memory is to every response (the full N×M matrix).
 
@@ -344,6 +332,10 @@ async def ascore_memories(
         ``.npz`` path to save progress to and resume from.
     on_row
         Called with ``(key, divergence_row | None, error | None)`` as each row completes.
+    write_back
+        A :class:`~scoring_kit.scoring.writeback.LiveContext` that each row is written onto
+        as it completes (the seed's per-response ``memory_scores``; a failed row removes the
+        memory's stale values), and every row once more at the end (resumed rows too).
     """
     mem_keys = list(keys) if keys is not None else ctx.memory_keys()
     known = set(ctx.memory_keys())
@@ -422,6 +414,9 @@ async def ascore_memories(
                 else:
                     result.without[i] = out
                     result.errors[i] = None
+                if write_back is not None:
+                    write_back.row(k, base_wp.entries,
+                                   divergence(result.baseline, result.without[i]))
                 if on_row is not None:
                     row = None if result.errors[i] else result.divergence[i]
                     on_row(k, row, result.errors[i])
@@ -433,6 +428,8 @@ async def ascore_memories(
     finally:
         if bar is not None:
             bar.close()
+    if write_back is not None:
+        write_back.matrix(result)
     result.meta["failed_calls"] = len(result.failed)
     stats = getattr(scorer, "stats", None)
     if stats is not None:
