@@ -27,6 +27,9 @@ ChatML (see :mod:`scoring_kit.context.chatml`).
 
 The header line is optional. Every bad line raises :class:`ContextError` naming the file,
 line and field.
+
+OpenAI-style transcripts and Letta agent files are read too (:mod:`.formats`, detected from
+the first bytes; ``reading=`` says which messages are memories).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ Detection (:func:`agent_format`), from the file's first bytes:
 - a ``.af`` file, or a JSON document with an ``agents`` list (or the earlier
   ``core_memory`` / ``in_context_message_indices``) → Letta;
 - ``[`` (a JSON list of messages) or a JSON object with ``messages`` → OpenAI-style;
-- JSONL of ``{"role": ...}`` objects → OpenAI-style when any line uses what the kit's plain
-  messages do not (``tool_calls``, ``tool_call_id``, content parts or null, ``developer``,
-  other fields) or an :class:`AgentReading` option is given; otherwise the kit's plain
-  messages, read as before;
+- JSONL of ``{"role": ...}`` objects → OpenAI-style when any line uses what only OpenAI
+  messages have (``tool_calls``, ``tool_call_id``, ``name``, content parts or null, the
+  ``developer`` role) or an :class:`AgentReading` option is given; otherwise the kit's
+  plain messages, read (and validated) as before;
 - anything else (the tokenized format included) is not an agent format.
 """
 
@@ -24,7 +24,6 @@ import orjson
 
 from ..._exceptions import ContextError
 from ..._types import PathLike
-from ..chatml import PLAIN_ROLES
 from ..model import ContextState
 from ..tokenizer import Tokenizer
 from ._common import (
@@ -50,13 +49,18 @@ __all__ = [
     "tool_call_text",
 ]
 
-_PLAIN_FIELDS = {"role", "content", "key", "timestamp"}
+_OPENAI_FIELDS = ("tool_calls", "tool_call_id", "name", "refusal", "function_call")
 
 
-def _plain_line(obj: object) -> bool:
-    """Whether ``obj`` is something the kit's plain-message format accepts as it is."""
-    return (isinstance(obj, Mapping) and obj.get("role") in PLAIN_ROLES
-            and isinstance(obj.get("content"), str) and set(obj) <= _PLAIN_FIELDS)
+def _openai_line(obj: object) -> bool:
+    """Whether ``obj`` uses what only OpenAI-style messages have: tool calls or results,
+    ``name``, null or list content, the ``developer`` role. Anything else, valid or not, is
+    left to the plain loader (which names a bad line precisely)."""
+    if not isinstance(obj, Mapping):
+        return False
+    content = obj.get("content")
+    return (any(f in obj for f in _OPENAI_FIELDS) or obj.get("role") == "developer"
+            or ("content" in obj and (content is None or isinstance(content, list))))
 
 
 def agent_format(path: PathLike, reading: AgentReading | None = None) -> AgentFormat | None:
@@ -95,7 +99,7 @@ def agent_format(path: PathLike, reading: AgentReading | None = None) -> AgentFo
         return None
     if reading is not None and not reading.is_default:
         return "openai"
-    return None if all(_plain_line(o) for o in lines) else "openai"
+    return "openai" if any(_openai_line(o) for o in lines) else None
 
 
 def read_agent_file(
