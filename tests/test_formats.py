@@ -275,6 +275,26 @@ def test_letta_agent_file(tmp_path: Path) -> None:
         (3, "memory"), (4, "response"), (5, "other"), (6, "other"), (7, "other")]
 
 
+def test_letta_content_replies_and_memgpt_monologue(tmp_path: Path) -> None:
+    doc = letta_file()
+    agent = doc["agents"][0]
+    agent["messages"].append(letta_message("message-9", "assistant", "Hi Sam!",
+                                           reasoning="Greet."))
+    agent["messages"][6]["content"].append({"type": "text", "text": "Saving the dog."})
+    agent["in_context_message_ids"] += ["message-9"]
+    ctx = load_context(write_json(tmp_path / "v1.af", doc), TOK)
+    # letta_v1_agent replies in its content: text + the call rendered after it is a response
+    assert [ctx.conversation[i].text for i in ctx.response_indices()] == [
+        "Your dog is Pepper.",
+        'Saving the dog.\n[tool_call core_memory_append] {"label":"human","content":"Dog: '
+        'Pepper"}', "Hi Sam!"]
+    agent["agent_type"] = "memgpt_agent"  # its content is the inner monologue
+    ctx = load_context(write_json(tmp_path / "memgpt.af", doc), TOK)
+    assert [ctx.conversation[i].text for i in ctx.response_indices()] == ["Your dog is Pepper."]
+    assert ctx.conversation[5].kind == "tool_call"
+    assert "Saving the dog" not in ctx.conversation[5].text
+
+
 def test_letta_several_agents_need_agent(tmp_path: Path) -> None:
     p = write_json(tmp_path / "two.af", letta_file(letta_agent("alpha", "agent-0"),
                                                    letta_agent("beta", "agent-1")))

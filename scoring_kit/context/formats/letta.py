@@ -19,10 +19,12 @@ What the kit reads:
   system prompt *compiled with the blocks* that Letta sends; it is replaced by the two items
   above, so that ablating a block removes all of it. The others are read as OpenAI-style
   messages (:mod:`.openai`) with Letta's conventions: the ``message`` argument of an
-  assistant's ``send_message`` call is the response (the inner monologue and reasoning
-  parts are left out); results of ``archival_memory_search`` (or the tools named in
-  ``--memory-tools``) are memories; an assistant turn with other tool calls only is kept in
-  the prompt, not scored.
+  assistant's ``send_message`` call is the response (the content beside it, the inner
+  monologue, and reasoning parts are left out); agents that reply in the content
+  (``letta_v1_agent``) have it as the response, MemGPT agents (``memgpt_agent``,
+  ``memgpt_v2_agent``) never do; results of ``archival_memory_search`` (or the tools named
+  in ``--memory-tools``) are memories; an assistant turn with other tool calls only is kept
+  in the prompt, not scored.
 
 A file with several agents needs ``agent`` (``--agent NAME``, name or id).
 """
@@ -45,6 +47,9 @@ __all__ = ["LETTA_MEMORY_TOOLS", "LETTA_RESPONSE_TOOLS", "is_letta_document", "r
 LETTA_MEMORY_TOOLS = ("archival_memory_search",)
 #: Tools whose ``message`` argument is what the agent said.
 LETTA_RESPONSE_TOOLS = ("send_message",)
+#: Agent types whose assistant content is the inner monologue (they reply only through
+#: ``send_message``); other types (``letta_v1_agent``, ...) reply in the content.
+MONOLOGUE_AGENT_TYPES = ("memgpt_agent", "memgpt_v2_agent")
 
 
 def is_letta_document(doc: object) -> bool:
@@ -202,7 +207,8 @@ def read_letta(path: Path, reading: AgentReading) -> AgentTranscript:
         read = read_openai_messages(
             [_as_openai(m) for _, m in ctx_msgs], reading, path=p,
             indices=[j for j, _ in ctx_msgs], response_tools=LETTA_RESPONSE_TOOLS,
-            default_memory_tools=LETTA_MEMORY_TOOLS, field_prefix=f"{where}messages")
+            default_memory_tools=LETTA_MEMORY_TOOLS, field_prefix=f"{where}messages",
+            monologue=agent.get("agent_type") in MONOLOGUE_AGENT_TYPES)
         out.extend(read)
     elif reading.memory_tools:
         raise ContextError(f"memory tool(s) {list(reading.memory_tools)} are never called in "

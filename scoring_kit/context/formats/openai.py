@@ -68,7 +68,8 @@ class _Call:
 class _Reader:
     def __init__(self, path: str, reading: AgentReading, lines: Sequence[int] | None,
                  *, indices: Sequence[int] | None = None, response_tools: Collection[str] = (),
-                 default_memory_tools: Collection[str] = (), prefix: str = "messages") -> None:
+                 default_memory_tools: Collection[str] = (), prefix: str = "messages",
+                 monologue: bool = False) -> None:
         self.path = path
         self.reading = reading
         self.lines = lines
@@ -76,6 +77,7 @@ class _Reader:
         self.response_tools = set(response_tools)
         self.memory_tools = set(reading.memory_tools) or set(default_memory_tools)
         self.prefix = prefix
+        self.monologue = monologue
         self.calls: dict[str, _Call] = {}
 
     def src(self, i: int) -> int:
@@ -236,8 +238,8 @@ class _Reader:
                 said.append(msg)
             else:
                 rendered.append(tool_call_text(name, args))
-        if self.response_tools:
-            text = ""  # Letta: the inner monologue is not what the agent said
+        if said or self.monologue:
+            text = ""  # Letta: next to send_message, the content is the inner monologue
         body = "\n".join(p for p in ("\n".join(said) if said else text, *rendered) if p)
         if said or text.strip():
             note = "send_message → response" if said else ""
@@ -245,6 +247,10 @@ class _Reader:
                 note = (note + "; " if note else "") + "tool calls rendered as text"
             return ReadMessage(i, "assistant", "assistant", body, "response", timestamp_ns=ts,
                                images=images, note=note)
+        if not calls and self.monologue:
+            return ReadMessage(i, "assistant", "assistant", body, "other", timestamp_ns=ts,
+                               scored=False, images=images,
+                               note="inner monologue only (no send_message); not scored")
         if not calls:
             return ReadMessage(i, "assistant", "assistant", body, "response", timestamp_ns=ts,
                                images=images, note="empty assistant message")
@@ -328,16 +334,20 @@ def read_openai_messages(
     response_tools: Collection[str] = (),
     default_memory_tools: Collection[str] = (),
     field_prefix: str = "messages",
+    monologue: bool = False,
 ) -> list[ReadMessage]:
     """Read OpenAI-style message objects (see the module docstring).
 
     ``indices[i]`` is the file's index of ``messages[i]`` (default ``i``), used in errors
-    and in :attr:`ReadMessage.index`; ``lines`` are JSONL line numbers.
+    and in :attr:`ReadMessage.index`; ``lines`` are JSONL line numbers. The ``message``
+    argument of a call to one of ``response_tools`` is the response (the content beside it
+    is left out); with ``monologue`` an assistant's content is never the response.
     """
     if not messages:
         raise ContextError("the conversation holds no messages", path=path, field=field_prefix)
     r = _Reader(path, reading, lines, indices=indices, response_tools=response_tools,
-                default_memory_tools=default_memory_tools, prefix=field_prefix)
+                default_memory_tools=default_memory_tools, prefix=field_prefix,
+                monologue=monologue)
     out = [replace(r.message(i, m), index=r.src(i)) for i, m in enumerate(messages)]
     r.finish()
     return out
