@@ -103,6 +103,38 @@ def _add_server(p: argparse.ArgumentParser) -> None:
                    help="parallel requests to a server (default 4)")
 
 
+# ── agent formats (issue 18): OpenAI-style transcripts and Letta agent files ──────
+def _tool_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
+    return names
+
+
+def _add_agent_formats(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "agent transcripts (OpenAI-style JSON / JSONL messages, Letta .af agent files)")
+    g.add_argument("--memory-tools", type=_tool_names, default=(), metavar="NAME,NAME",
+                   help="every result of these tools is a memory, keyed by the result's "
+                        "key/id field when it is JSON with one, else by the call id (Letta "
+                        "default: archival_memory_search)")
+    g.add_argument("--memory-role", default=None, metavar="ROLE",
+                   help="every message with this role is a memory, keyed by its key/name "
+                        "field, else ROLE:INDEX (a [memory: KEY] content prefix always works)")
+    g.add_argument("--score-tool-calls", action="store_true",
+                   help="also score assistant turns that only call tools (default: kept in "
+                        "the prompt, not scored)")
+    g.add_argument("--agent", default=None, metavar="NAME",
+                   help="the agent to read from a Letta file holding several (name or id)")
+
+
+def _reading(args: argparse.Namespace) -> Any:
+    from .context.formats import AgentReading
+
+    return AgentReading(memory_tools=tuple(args.memory_tools), memory_role=args.memory_role,
+                        score_tool_calls=args.score_tool_calls, agent=args.agent)
+
+
 def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .session import Session
 
@@ -138,7 +170,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         from .engine.loader import load_tokenizer
 
         tok = load_tokenizer(args.model_path)
-    ctx = load_context(args.conversation, tok)
+    ctx = load_context(args.conversation, tok, reading=_reading(args))
     keys = set(args.skip)
     unknown = keys - set(ctx.memory_keys())
     if unknown:
@@ -154,6 +186,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     wp = ctx.wire_prompt(args.range, skip)
     body = wp.body(args.model or "default")
     body["entries"] = list(wp.entries)
+    from .context.formats import describe_reading
+
+    body["reading"] = describe_reading(args.conversation, ctx, _reading(args))
     sys.stdout.write(orjson.dumps(body).decode() + "\n")
     return EXIT_OK
 
@@ -166,12 +201,14 @@ def _is_plain(path: Path) -> bool:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .context.io import save_context
     from .scoring.matrix import score_memories
+    from .scoring.writeback import LiveContext
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     with _session(args) as sess:
-        ctx = sess.load(args.conversation)
+        ctx = sess.load(args.conversation, reading=_reading(args))
         ckpt = out / "matrix.ckpt.npz"
         if args.approx is not None:
             from .scoring.approx import score_memories_hierarchical, score_memories_windowed
@@ -191,8 +228,11 @@ def cmd_score(args: argparse.Namespace) -> int:
                   f"{meta['prompt_tokens_sent']:,} of {meta['exact_prompt_tokens']:,} prompt "
                   f"tokens; {estimated}", file=sys.stderr)
         else:
+            live = LiveContext(ctx)  # the seed's per-response memory_scores, saved below
             matrix = score_memories(ctx, sess.scorer, checkpoint=ckpt,
-                                    chunk_size=args.chunk_size, progress=not args.quiet)
+                                    chunk_size=args.chunk_size, progress=not args.quiet,
+                                    write_back=live)
+            save_context(live.context, out / "context.jsonl")
     from .analysis.charts import heatmap
     from .analysis.export import save_chart
 
@@ -222,7 +262,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
     from .scoring.store import TrainedSet
 
     with _session(args) as sess:
-        ctx = sess.load(args.conversation)
+        ctx = sess.load(args.conversation, reading=_reading(args))
         stops = (sess.tokenizer.im_end_id,) if args.alternates else None
         cands, stats = score_finetune_candidates(
             ctx, sess.scorer, count=args.count, threshold=args.threshold,
@@ -246,7 +286,7 @@ def cmd_incremental(args: argparse.Namespace) -> int:
 
     store = MemoryStore(args.store)
     with _session(args) as sess:
-        ctx = sess.load(args.conversation)
+        ctx = sess.load(args.conversation, reading=_reading(args))
         res = score_memories_incremental(
             ctx, sess.scorer, store, max_age_secs=args.max_age, response_window=args.window,
             progress=not args.quiet,
@@ -345,14 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation entries A..B (half-open) instead of all")
     r.add_argument("--model", default=None, help="model name to put in the body")
     r.add_argument("--model-path", default=None, help="tokenizer for plain conversations")
+    _add_agent_formats(r)
     r.set_defaults(func=cmd_render)
 
     sc = sub.add_parser("score", help="full N x M memory matrix -> DIR/matrix.parquet + heatmap")
     sc.add_argument("conversation", type=Path,
                     help="conversation file (plain messages or tokenized context JSONL)")
     sc.add_argument("--out", type=Path, required=True, metavar="DIR",
-                    help="output folder: matrix.parquet, matrix.npz, heatmap.html/.png, and "
-                         "matrix.ckpt.npz while running (a rerun resumes from it)")
+                    help="output folder: matrix.parquet, matrix.npz, heatmap.html/.png, "
+                         "context.jsonl (the tokenized context with each response's "
+                         "memory_scores; exact runs), and matrix.ckpt.npz while running (a "
+                         "rerun resumes from it)")
     sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
                     help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -369,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(IDF-weighted text screen for long-range use; e.g. 0.5)")
     sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
+    _add_agent_formats(sc)
     _add_server(sc)
     sc.set_defaults(func=cmd_score)
 
@@ -380,10 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=_positive_float, default=1e-7,
                    help="minimum divergence (default 1e-7)")
     c.add_argument("--count", type=_int_at_least(1), default=None,
-                   help="score the newest COUNT entries (default: the newer half)")
+                   help="score the newest COUNT entries, at least 1 (default: the newer half; a "
+                        "COUNT above the conversation length scores it all)")
     c.add_argument("--alternates", action="store_true",
                    help="also generate what the model says with memories removed")
     c.add_argument("--trained", default=None, help="trained-set file (skip trained responses)")
+    _add_agent_formats(c)
     _add_server(c)
     c.set_defaults(func=cmd_candidates)
 
@@ -397,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--window", type=_int_at_least(1), default=100,
                    help="responses per window (100)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_agent_formats(i)
     _add_server(i)
     i.set_defaults(func=cmd_incremental)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from .backends.base import Scorer
+    from .context.formats import AgentReading
     from .context.model import ContextState
     from .context.tokenizer import HFTokenizer
     from .engine.engine import Engine
@@ -86,8 +87,9 @@ class Session:
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
-    def load(self, path: PathLike) -> ContextState:
-        """Load a conversation in either format with this session's tokenizer."""
+    def load(self, path: PathLike, *, reading: AgentReading | None = None) -> ContextState:
+        """Load a conversation in any format with this session's tokenizer (``reading``:
+        memories and responses of OpenAI-style and Letta files, see ``context.formats``)."""
         from .context.io import load_context, sniff_format
 
         # tokenized files need no tokenizer unless one is already loaded (vocab check);
@@ -95,7 +97,7 @@ class Session:
         tok = self._tokenizer
         if tok is None and sniff_format(path) == "plain":
             tok = self.tokenizer
-        return load_context(path, tok)
+        return load_context(path, tok, reading=reading)
 
     def close(self) -> None:
         try:

@@ -185,6 +185,8 @@ def test_render_prints_the_exact_score_body(
         return any(skip_key(k)(n) for k in skip)
 
     wp = ctx.wire_prompt(entries, skip_fn if skip else None)
+    reading = body.pop("reading")  # how each node was read (memory / response / other)
+    assert [r["read_as"] == "memory" for r in reading].count(True) == 8
     assert body == {**wp.body(model), "entries": list(wp.entries)}
     assert {"prompt", "score_ranges", "entries", "logprobs", "model"} <= set(body)
     assert body["model"] == model and len(body["score_ranges"]) == len(body["entries"])

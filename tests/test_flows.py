@@ -328,13 +328,13 @@ def test_finetune_candidates_skip_trained_and_blank(
     blank = context_from_messages(
         msgs(("memory", "Rex is the dog."), ("user", "Dog?"), ("assistant", "Rex."),
              ("user", "again"), ("assistant", "   "), Rex="dog"), tokenizer)
-    cands3, _ = score_finetune_candidates(blank, client, count=5, threshold=-1.0)
+    cands3, _ = score_finetune_candidates(blank, client, count=5, threshold=-1.0, trained=False)
     assert [c.entry_idx for c in cands3] == [2]
 
 
 def test_finetune_no_responses(tokenizer: Any, client: ScoreClient) -> None:
     c = context_from_messages(msgs(("user", "a"), ("user", "b")), tokenizer)
-    cands, stats = score_finetune_candidates(c, client)
+    cands, stats = score_finetune_candidates(c, client, trained=False)
     assert cands == [] and stats.responses_considered == 0 and stats.max_divergence == 0.0
 
 
@@ -386,7 +386,7 @@ def test_memory_trigger_is_noop_while_running(ctx: ContextState, server_url: str
 def test_finetune_trigger_aborts_and_restarts(ctx: ContextState, server_url: str) -> None:
     async def run() -> None:
         c = ScoreClient(server_url)
-        task = FinetuneScoringTask(c)
+        task = FinetuneScoringTask(c, trained=False)
         t1 = await task.trigger(ctx)
         t2 = await task.trigger(ctx)  # aborts t1
         assert t1.cancelled() and t1 is not t2

@@ -27,6 +27,9 @@ ChatML (see :mod:`scoring_kit.context.chatml`).
 
 The header line is optional. Every bad line raises :class:`ContextError` naming the file,
 line and field.
+
+OpenAI-style transcripts and Letta agent files are read too (:mod:`.formats`, detected from
+the first bytes; ``reading=`` says which messages are memories).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
@@ -45,6 +48,9 @@ from ..wire import WireImage
 from .chatml import PLAIN_ROLES, render_message, section_of
 from .model import KINDS, SECTIONS, ContextState, Node
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .formats import AgentReading
 
 __all__ = [
     "FORMAT_NAME",
@@ -133,7 +139,12 @@ def detect_format(first: Mapping[str, Any], *, path: str | None = None, line: in
 def sniff_format(path: PathLike) -> Format | None:
     """The format of ``path`` from its first non-empty line, or None when that cannot be told
     (missing or unreadable file, bad JSON, unknown shape): :func:`load_context` then names
-    the problem, and no tokenizer needs loading first."""
+    the problem, and no tokenizer needs loading first. OpenAI-style transcripts and Letta
+    agent files (:mod:`.formats`) are tokenized like plain messages: "plain" too."""
+    from .formats import agent_format
+
+    if agent_format(path) is not None:
+        return "plain"
     try:
         with open(path, "rb") as fh:
             first = next((ln for ln in fh if ln.strip()), b"{}")
@@ -299,7 +310,9 @@ def _context_from_nodes(
     )
 
 
-def load_context(path: PathLike, tokenizer: Tokenizer | None = None) -> ContextState:
+def load_context(
+    path: PathLike, tokenizer: Tokenizer | None = None, *, reading: AgentReading | None = None
+) -> ContextState:
     """Load a conversation in either format (detected from the first line).
 
     Parameters
@@ -309,8 +322,15 @@ def load_context(path: PathLike, tokenizer: Tokenizer | None = None) -> ContextS
     tokenizer
         Used to tokenize plain messages, and to check tokenized ids against its vocabulary.
         Default for plain messages: the embedded model's tokenizer.
+    reading
+        For OpenAI-style transcripts and Letta agent files (:mod:`.formats`, detected from
+        the first bytes): which messages are memories and responses.
     """
     p = Path(path)
+    from .formats import load_agent  # OpenAI-style / Letta formats (issue 18)
+
+    if (agent_ctx := load_agent(p, tokenizer, reading)) is not None:
+        return agent_ctx
     rows = _read_lines(p)
     fmt = detect_format(rows[0][1], path=str(p), line=rows[0][0])
     if fmt == "tokenized":

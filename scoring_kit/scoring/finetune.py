@@ -10,10 +10,11 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
+from .._exceptions import ConfigError
 from .._sync import sync_twin
 from ..backends.base import DEFAULT_PRIORITY, CompletionRequest, Scorer
 from ..context.model import (
@@ -32,6 +33,7 @@ __all__ = [
     "AlternateParams",
     "FinetuneCandidate",
     "FinetuneStats",
+    "TrainedArg",
     "ascore_finetune",
     "ascore_finetune_candidates",
     "branch_header",
@@ -44,6 +46,30 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 1e-7
+
+#: The ``trained`` argument of the finetune flows: ``None`` (the default) = the default
+#: :class:`TrainedSet` (``$SCORING_KIT_CACHE/trained-responses.json``, the file
+#: :func:`~scoring_kit.scoring.send_to_train` marks), as the seed always loads its trained
+#: set; a :class:`TrainedSet` = that file; ``False`` = skip nothing (explicit opt-out).
+TrainedArg: TypeAlias = TrainedSet | Literal[False] | None
+
+
+def trained_timestamps(trained: TrainedArg) -> set[int]:
+    """The timestamps to skip for a ``trained`` argument (see :data:`TrainedArg`)."""
+    if trained is False:
+        return set()
+    if trained is True or not (trained is None or isinstance(trained, TrainedSet)):
+        msg = f"trained must be a TrainedSet, None (the default set) or False, got {trained!r}"
+        raise ConfigError(msg)
+    return (trained if trained is not None else TrainedSet()).load()
+
+
+def _newest(n_entries: int, count: int) -> range:
+    """The newest ``count`` entries, clamped to the conversation (the seed's
+    ``len.saturating_sub(count)..len``)."""
+    if count < 0:
+        raise ConfigError(f"count must be >= 0 (entries to score), got {count}")
+    return range(max(0, n_entries - count), n_entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +152,11 @@ async def ascore_finetune(
     priority: int | None = DEFAULT_PRIORITY,
 ) -> list[tuple[int, float]]:
     """``(entry_index, divergence)`` of the responses among the newest ``count`` entries,
-    scored with every memory removed, sorted by divergence descending (stable)."""
+    scored with every memory removed, sorted by divergence descending (stable).
+
+    A ``count`` above the number of entries scores them all (clamped as the seed does)."""
     entries = ctx.conversation
-    rng = range(max(0, len(entries) - count), len(entries))
+    rng = _newest(len(entries), count)
     positions = [i for i in rng if is_assistant(entries[i])]
     if not positions:
         return []
@@ -145,7 +173,7 @@ async def iter_finetune_candidates(
     *,
     count: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
-    trained: TrainedSet | None = None,
+    trained: TrainedArg = None,
     alternates: bool = False,
     alternate_params: AlternateParams | None = None,
     stop_token_ids: tuple[int, ...] | None = None,
@@ -154,15 +182,19 @@ async def iter_finetune_candidates(
 ) -> AsyncIterator[FinetuneCandidate]:
     """Yield candidates one at a time as they become ready; a stats record closes the run.
 
-    ``count`` defaults to the newer half of the conversation entries. Candidates have
-    divergence >= ``threshold`` and are neither already trained (by timestamp) nor blank.
+    ``count`` defaults to the newer half of the conversation entries (a larger ``count`` is
+    clamped to the conversation). Candidates have divergence >= ``threshold`` and are neither
+    already trained (by timestamp) nor blank. ``trained`` (see :data:`TrainedArg`) defaults
+    to the default :class:`TrainedSet`, so responses :func:`send_to_train` marked are not
+    proposed again; pass ``trained=False`` to propose them anyway.
     Alternates are generated with memories removed (errors recorded on the candidate). The
     final :class:`FinetuneStats` is appended to ``stats_out`` when given — also when the
     scoring call fails, with ``error`` set, before the error propagates.
     """
     entries = ctx.conversation
     n = len(entries) // 2 if count is None else count
-    considered = sum(1 for e in entries[len(entries) - n :] if is_assistant(e)) if n else 0
+    considered = sum(1 for i in _newest(len(entries), n) if is_assistant(entries[i]))
+    done = trained_timestamps(trained)
     try:
         scores = await ascore_finetune(ctx, scorer, n, priority=priority)
     except Exception as exc:
@@ -170,7 +202,6 @@ async def iter_finetune_candidates(
             stats_out.append(FinetuneStats(considered, 0, threshold, 0.0, str(exc)))
         raise
     max_div = max((d for _, d in scores), default=0.0)
-    done = trained.load() if trained is not None else set()
     picked: list[tuple[int, float]] = []
     for idx, div in scores:
         if div < threshold:

@@ -31,6 +31,7 @@ from .memory_matrix import (
     MemoryMatrix,
     read_matrix_frame,
 )
+from .writeback import LiveContext
 
 __all__ = [
     "MATRIX_COLUMNS",
@@ -91,6 +92,7 @@ async def ascore_memories(
     priority: int | None = DEFAULT_PRIORITY,
     progress: bool = True,
     on_row: Callable[[str, FloatArray | None, str | None], None] | None = None,
+    write_back: LiveContext | None = None,
 ) -> MemoryMatrix:
     """Score how important each memory is to every response (the full N×M matrix).
 
@@ -112,6 +114,10 @@ async def ascore_memories(
         ``.npz`` path to save progress to and resume from.
     on_row
         Called with ``(key, divergence_row | None, error | None)`` as each row completes.
+    write_back
+        A :class:`~scoring_kit.scoring.writeback.LiveContext` that each row is written onto
+        as it completes (the seed's per-response ``memory_scores``; a failed row removes the
+        memory's stale values), and every row once more at the end (resumed rows too).
     """
     mem_keys = list(keys) if keys is not None else ctx.memory_keys()
     known = set(ctx.memory_keys())
@@ -182,6 +188,8 @@ async def ascore_memories(
                 without[i], errors[i] = ablation.scores, ablation.error
                 if ablation.error is not None:
                     log.warning("[scoring-full] %s FAILED: %s", k, ablation.error)
+                if write_back is not None:
+                    write_back.row(k, base_wp.entries, divergence(baseline, without[i]))
                 if on_row is not None:
                     row = None if ablation.error else divergence(baseline, without[i])
                     on_row(k, row, ablation.error)
@@ -197,7 +205,10 @@ async def ascore_memories(
     stats = getattr(scorer, "stats", None)
     if stats is not None:
         meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
-    return build()
+    result = build()
+    if write_back is not None:
+        write_back.matrix(result)
+    return result
 
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:

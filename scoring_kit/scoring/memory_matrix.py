@@ -211,24 +211,12 @@ class MemoryMatrix:
         """Write the per-response memory scores onto the context's assistant branches.
 
         As the reference does: a cell above ``threshold`` is set, a cell at or below it is
-        removed; failed memories leave the branch's previous value for that key untouched.
+        removed, and a failed (NaN) row removes that memory's previous values (the seed's
+        failed row is zeros); see :mod:`scoring_kit.scoring.writeback`.
         """
-        div = self.divergence
-        updates: dict[int, dict[str, float]] = {}
-        for j, e in enumerate(self.entries.tolist()):
-            if e >= len(ctx.conversation) or not ctx.conversation[e].is_branch:
-                continue
-            scores = dict(ctx.conversation[e].memory_scores)
-            for i, k in enumerate(self.keys):
-                v = div[i, j]
-                if np.isnan(v):
-                    continue
-                if v > threshold:
-                    scores[k] = float(v)
-                else:
-                    scores.pop(k, None)
-            updates[e] = scores
-        return ctx.with_memory_scores(updates)
+        from .writeback import apply_matrix
+
+        return apply_matrix(ctx, self, threshold=threshold)
 
     # ── frames ───────────────────────────────────────────────
     def to_frame(self, *, texts: bool = False) -> pl.DataFrame:

@@ -19,10 +19,11 @@ from typing import Any
 
 from ..backends.base import Scorer
 from ..context.model import ContextState
-from .finetune import FinetuneCandidate, FinetuneStats, iter_finetune_candidates
+from .finetune import FinetuneCandidate, FinetuneStats, TrainedArg, iter_finetune_candidates
 from .matrix import MemoryMatrix, ascore_memories
-from .store import MemoryStore, TrainedSet
+from .store import MemoryStore
 from .windows import IncrementalResult, ascore_memories_incremental
+from .writeback import LiveContext
 
 __all__ = ["FinetuneScoringTask", "MemoryScoringTask", "TaskState"]
 
@@ -56,7 +57,12 @@ class _Handle:
 
 
 class MemoryScoringTask:
-    """Incremental (``trigger``) and full-matrix (``trigger_full``) scoring, one at a time."""
+    """Incremental (``trigger``) and full-matrix (``trigger_full``) scoring, one at a time.
+
+    A full run writes each memory's per-response scores onto a copy of the context as the
+    row finishes (:mod:`~scoring_kit.scoring.writeback`): :attr:`live` holds it during the
+    run, :attr:`last_context` after it (save it with ``save_context`` to keep the scores).
+    """
 
     def __init__(self, scorer: Scorer, store: MemoryStore | None = None) -> None:
         self.scorer = scorer
@@ -64,6 +70,10 @@ class MemoryScoringTask:
         self.state = TaskState()
         self.last_incremental: IncrementalResult | None = None
         self.last_matrix: MemoryMatrix | None = None
+        #: the context of the running (or last) full run, updated row by row
+        self.live: LiveContext | None = None
+        #: the last finished full run's context with its ``memory_scores`` written
+        self.last_context: ContextState | None = None
         self._handle = _Handle()
 
     @property
@@ -123,8 +133,10 @@ class MemoryScoringTask:
 
         try:
             kwargs.setdefault("progress", False)
+            self.live = kwargs.setdefault("write_back", LiveContext(ctx))
             m = await ascore_memories(ctx, self.scorer, on_row=on_row, **kwargs)
             self.last_matrix = m
+            self.last_context = self.live.context
             return m
         except Exception as exc:
             st.error = str(exc)
@@ -135,9 +147,14 @@ class MemoryScoringTask:
 
 
 class FinetuneScoringTask:
-    """Finetune scoring; ``trigger()`` aborts the run in flight and starts a fresh one."""
+    """Finetune scoring; ``trigger()`` aborts the run in flight and starts a fresh one.
 
-    def __init__(self, scorer: Scorer, trained: TrainedSet | None = None) -> None:
+    ``trained``: ``None`` (default) skips the responses in the default :class:`TrainedSet`,
+    a :class:`TrainedSet` those in that file, ``False`` none (see
+    :data:`~scoring_kit.scoring.finetune.TrainedArg`).
+    """
+
+    def __init__(self, scorer: Scorer, trained: TrainedArg = None) -> None:
         self.scorer = scorer
         self.trained = trained
         self.state = TaskState()

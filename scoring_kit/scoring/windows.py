@@ -102,12 +102,15 @@ async def ascore_memory(
 ) -> float:
     """Importance of one memory: summed divergence over the responses after it (v1).
 
-    Scores the window from the memory's first position through the next
-    ``response_window`` (50) assistant responses, with and without the memory. Returns 0.0
-    when the memory is not in the context or no response follows it (as the reference).
-    An identity memory's window starts at conversation entry 0.
+    Scores the window from the memory's first position in the conversation through the
+    next ``response_window`` (50) assistant responses, with and without the memory. Returns
+    0.0 without a call when the memory is not in the conversation or no response follows
+    it, as the seed does. Like the seed, only the conversation is searched: a key held only
+    by an identity memory scores 0.0 (identity memories are never "surfaced" at a point of
+    the conversation; :func:`ascore_memories_incremental` scores them from position 0 and
+    the full matrix scores them on every response).
     """
-    pos = _first_position(ctx, key)
+    pos = next((i for i, n in enumerate(ctx.conversation) if memory_key(n) == key), None)
     if pos is None:
         return 0.0
     end, _ = nth_response_end(ctx.conversation, pos, response_window)
