@@ -223,7 +223,7 @@ def test_cli_score_saves_the_scored_context(tmp_path: Path, capsys: pytest.Captu
         def __exit__(self, *exc: object) -> None:
             return None
 
-        def load(self, path: Any) -> ContextState:
+        def load(self, path: Any, *, reading: Any = None) -> ContextState:
             return ctx
 
     monkeypatch.setattr(cli, "_session", lambda args, **kw: FakeSession())
