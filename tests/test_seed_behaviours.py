@@ -227,8 +227,8 @@ def test_cli_score_saves_the_scored_context(tmp_path: Path, capsys: pytest.Captu
             return ctx
 
     monkeypatch.setattr(cli, "_session", lambda args, **kw: FakeSession())
-    monkeypatch.setattr("scoring_kit.analysis.charts.heatmap", lambda m, c: None)
-    monkeypatch.setattr("scoring_kit.analysis.export.save_chart", lambda ch, p: p)
+    monkeypatch.setattr("scoring_kit.analysis.charts.heatmap", lambda m, c=None, **kw: None)
+    monkeypatch.setattr("scoring_kit.analysis.export.save_chart", lambda ch, p, **kw: p)
     conv = write_jsonl(tmp_path / "c.jsonl", [{"role": "user", "content": "unused"}])
     r = run_cli(["score", conv, "--out", tmp_path / "out", "--quiet"], capsys)
     assert r.code == 0, r.err
