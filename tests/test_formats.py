@@ -379,7 +379,7 @@ def test_cli_score_openai_and_letta(tmp_path: Path, server_url: str,
                    "--server", server_url, "--quiet"], capsys)
     assert res.code == 0, res.err
     m = MemoryMatrix.load(out / "matrix.npz")
-    assert m.keys == ["mem-7", "call_2"] and m.entries.tolist() == [3, 5, 7] and m.complete
+    assert list(m.keys) == ["mem-7", "call_2"] and m.entries.tolist() == [3, 5, 7] and m.complete
     # the Lisbon result matters to "You live in Lisbon." more than to the dog answer
     assert m.row("call_2")[2] > m.row("call_2")[0]
     af = write_json(tmp_path / "agent.af", letta_file())
@@ -387,7 +387,7 @@ def test_cli_score_openai_and_letta(tmp_path: Path, server_url: str,
     res = run_cli(["score", af, "--out", out2, "--server", server_url, "--quiet"], capsys)
     assert res.code == 0, res.err
     m2 = MemoryMatrix.load(out2 / "matrix.npz")
-    assert m2.keys == ["human", "persona", "c1"] and m2.entries.tolist() == [3]
+    assert list(m2.keys) == ["human", "persona", "c1"] and m2.entries.tolist() == [3]
     assert m2.complete
     saved = load_context(out2 / "context.jsonl")
     assert set(saved.conversation[3].memory_scores) <= {"human", "persona", "c1"}
