@@ -18,29 +18,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 import numpy as np
 
 from .._exceptions import BackendError, ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import (
-    BackendPromptError,
-    HTTPBackend,
+from ._common import BackendPromptError, HTTPBackend
+from ._retry import RetryPolicy
+from ._util import (
     choice_text,
     completion_body,
     empty_scores,
     extract_message,
     int_or,
     normalise_url,
-    probe,
 )
-from ._retry import RetryPolicy
 from .base import CompletionRequest, ScoreRequest, gather_in_order
-
-if TYPE_CHECKING:
-    from .auto import Detection
+from .detect import probe
 
 __all__ = ["ScoreClient", "parse_scores"]
 
@@ -176,7 +172,6 @@ class ScoreClient(HTTPBackend):
         self.batch_size = int(batch_size)
         self._batch_supported: bool | None = None if batch == "auto" else bool(batch)
         self.capabilities: frozenset[str] | None = None
-        self.detection: Detection | None = None
 
     # -- /score ------------------------------------------------------------------------
 

@@ -32,13 +32,13 @@ import numpy as np
 
 from .._exceptions import ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import HTTPBackend, empty_scores, int_or, normalise_url
+from ._common import HTTPBackend
 from ._retry import RetryPolicy
+from ._util import empty_scores, int_or, normalise_url
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from .._exceptions import BackendError
-    from .auto import Detection
 
 __all__ = ["SGLangScorer", "sum_input_token_logprobs"]
 
@@ -170,7 +170,6 @@ class SGLangScorer(HTTPBackend):
             transport=transport,
         )
         self.max_model_len = max_model_len
-        self.detection: Detection | None = None
 
     def _meta(self, data: Any) -> Mapping[str, Any]:
         if isinstance(data, list) and len(data) == 1:

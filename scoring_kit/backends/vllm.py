@@ -39,22 +39,15 @@ import numpy as np
 
 from .._exceptions import ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import (
-    BackendPromptError,
-    HTTPBackend,
-    choice_text,
-    completion_body,
-    empty_scores,
-    normalise_url,
-)
+from ._common import BackendPromptError, HTTPBackend
 from ._retry import RetryPolicy
+from ._util import choice_text, completion_body, empty_scores, normalise_url
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._exceptions import BackendError
-    from .auto import Detection
 
 __all__ = ["VLLM_NEG_INF", "CostWarning", "VLLMScorer", "sum_prompt_logprobs"]
 
@@ -196,7 +189,6 @@ class VLLMScorer(HTTPBackend):
             transport=transport,
         )
         self.max_model_len = max_model_len
-        self.detection: Detection | None = None
         self._models_read = model is not None and max_model_len is not None
         self._send_priority = True
         self._warned = not warn
