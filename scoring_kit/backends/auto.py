@@ -16,9 +16,7 @@ import httpx
 from .._exceptions import DetectionError
 from ._util import display_url
 from .detect import Detection, detect_backend
-from .http import ScoreClient
-from .sglang import SGLangScorer
-from .vllm import VLLMScorer
+from .registry import backend_names, check_backend, load_backend
 
 if TYPE_CHECKING:
     from .base import Scorer
@@ -34,14 +32,9 @@ __all__ = [
 
 logger = logging.getLogger("scoring_kit.backends.auto")
 
-#: Names accepted by :func:`make_scorer`.
-BACKENDS = ("auto", "score", "vllm", "sglang", "local")
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        msg = f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}"
-        raise ValueError(msg)
+#: Names accepted by :func:`make_scorer`: ``"auto"`` and the registry's
+#: (:data:`~scoring_kit.backends.registry.REGISTRY`).
+BACKENDS = backend_names()
 
 
 def _local(engine: Any, reason: str) -> Scorer:
@@ -62,35 +55,14 @@ def _build(
     concurrency: int,
     transport: httpx.AsyncBaseTransport | None,
 ) -> Scorer:
-    name = model or detection.model
-    scorer: ScoreClient | VLLMScorer | SGLangScorer
-    if detection.backend == "score":
-        scorer = ScoreClient(
-            base_url,
-            model=name or "default",
-            api_key=api_key,
-            concurrency=concurrency,
-            transport=transport,
-        )
-    elif detection.backend == "vllm":
-        scorer = VLLMScorer(
-            base_url,
-            model=name,
-            api_key=api_key,
-            concurrency=concurrency,
-            transport=transport,
-            max_model_len=detection.max_model_len,
-        )
-    else:
-        scorer = SGLangScorer(
-            base_url,
-            model=name,
-            api_key=api_key,
-            concurrency=concurrency,
-            transport=transport,
-            max_model_len=detection.max_model_len,
-        )
-    scorer.detection = detection
+    scorer = load_backend(detection.backend).from_detection(
+        base_url,
+        detection,
+        model=model,
+        api_key=api_key,
+        concurrency=concurrency,
+        transport=transport,
+    )
     logger.info(
         "scoring backend %r for %s: %s", detection.backend, display_url(base_url), detection.reason
     )
@@ -99,7 +71,7 @@ def _build(
 
 def _local_or_none(base_url: str | None, backend: str, engine: Any) -> Scorer | None:
     """The local scorer when ``backend``/``base_url`` ask for it, else ``None``."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "local":
         return _local(engine, "requested explicitly (backend='local')")
     if base_url is None:

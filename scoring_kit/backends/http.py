@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import httpx
 import numpy as np
@@ -37,6 +37,9 @@ from ._util import (
 )
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 from .detect import probe
+
+if TYPE_CHECKING:
+    from .detect import Detection
 
 __all__ = ["ScoreClient", "parse_scores"]
 
@@ -172,6 +175,31 @@ class ScoreClient(HTTPBackend):
         self.batch_size = int(batch_size)
         self._batch_supported: bool | None = None if batch == "auto" else bool(batch)
         self.capabilities: frozenset[str] | None = None
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The client :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``.
+
+        ``model`` defaults to the one the server reported, else ``"default"``.
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model or "default",
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+        )
+        scorer.detection = detection
+        return scorer
 
     # -- /score ------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 import numpy as np
@@ -39,6 +39,7 @@ from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from .._exceptions import BackendError
+    from .detect import Detection
 
 __all__ = ["SGLangScorer", "sum_input_token_logprobs"]
 
@@ -170,6 +171,31 @@ class SGLangScorer(HTTPBackend):
             transport=transport,
         )
         self.max_model_len = max_model_len
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The scorer :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``
+        (model and ``max_model_len`` as the server reported them, unless ``model`` is given).
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model,
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+            max_model_len=detection.max_model_len,
+        )
+        scorer.detection = detection
+        return scorer
 
     def _meta(self, data: Any) -> Mapping[str, Any]:
         if isinstance(data, list) and len(data) == 1:

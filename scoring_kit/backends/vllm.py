@@ -32,7 +32,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 import numpy as np
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._exceptions import BackendError
+    from .detect import Detection
 
 __all__ = ["VLLM_NEG_INF", "CostWarning", "VLLMScorer", "sum_prompt_logprobs"]
 
@@ -192,6 +193,31 @@ class VLLMScorer(HTTPBackend):
         self._models_read = model is not None and max_model_len is not None
         self._send_priority = True
         self._warned = not warn
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The scorer :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``
+        (model and ``max_model_len`` as the server reported them, unless ``model`` is given).
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model,
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+            max_model_len=detection.max_model_len,
+        )
+        scorer.detection = detection
+        return scorer
 
     # -- model info --------------------------------------------------------------------
 
