@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import json
 import math
 import warnings
@@ -551,6 +552,30 @@ def test_make_scorer_builds_detected_backend() -> None:
     explicit = make_scorer(URL, backend="sglang", transport=transport)
     assert isinstance(explicit, SGLangScorer) and explicit.detection is not None
     assert "explicitly" in explicit.detection.reason
+
+
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [
+        (ScoreClient, ["model", "batch", "batch_size"]),
+        (VLLMScorer, ["model", "max_model_len", "warn"]),
+        (SGLangScorer, ["model", "max_model_len"]),
+    ],
+)
+def test_http_constructors_show_every_keyword(cls: type, own: list[str]) -> None:
+    """The shared connection options are written once (HTTPOptions), yet every constructor's
+    signature lists them with their defaults, and they reach the client."""
+    sig = inspect.signature(cls)
+    shared = ["api_key", "timeout", "concurrency", "retry", "transport"]
+    assert list(sig.parameters) == ["base_url", *own, *shared]
+    assert sig.parameters["timeout"].default == 300.0
+    assert sig.parameters["concurrency"].default == 4
+    policy = RetryPolicy(max_attempts=2)
+    scorer = cls(URL, api_key="k", timeout=7.0, concurrency=3, retry=policy)
+    assert (scorer.concurrency, scorer.retry, scorer._timeout) == (3, policy, httpx.Timeout(7.0))
+    assert "api_key=<set>" in repr(scorer)
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        cls(URL, concurrency=0)
 
 
 def test_make_scorer_rejects_bad_arguments() -> None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import weakref
-from collections.abc import AsyncGenerator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar, Unpack, cast
 
 import httpx
 
@@ -40,6 +41,7 @@ from ._util import (
     error_message,
     extract_message,
     loads_json,
+    normalise_url,
     resolve_api_key,
     snippet,
 )
@@ -48,7 +50,15 @@ from .base import ScoreRequest, ScorerStats, validate_score_request
 if TYPE_CHECKING:
     from .detect import Detection
 
-__all__ = ["API_KEY_ENV", "BackendPromptError", "HTTPBackend", "resolve_api_key"]
+__all__ = [
+    "API_KEY_ENV",
+    "BackendPromptError",
+    "HTTPBackend",
+    "HTTPOptions",
+    "StockHTTPBackend",
+    "resolve_api_key",
+    "with_http_options",
+]
 
 logger = logging.getLogger("scoring_kit.backends")
 
@@ -82,6 +92,22 @@ class BackendPromptError(BackendError, PromptError):
 
 
 # --------------------------------------------------------------------------- base class
+
+
+class HTTPOptions(TypedDict, total=False):
+    """The connection options every HTTP backend takes by keyword.
+
+    Written once: the defaults and their meaning are those of :class:`HTTPBackend`
+    (``api_key=None``, ``timeout=300.0``, ``concurrency=4``, ``retry=None``,
+    ``transport=None``); a backend's constructor takes ``**options: Unpack[HTTPOptions]``
+    and passes them on.
+    """
+
+    api_key: str | None
+    timeout: float | httpx.Timeout | None
+    concurrency: int
+    retry: RetryPolicy | None
+    transport: httpx.AsyncBaseTransport | None
 
 
 async def _close_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
@@ -351,4 +377,75 @@ class HTTPBackend:
         await policy.sleep(delay)
 
 
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- constructors
+
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def with_http_options(init: _F) -> _F:
+    """Give a backend ``__init__`` that takes ``**options: Unpack[HTTPOptions]`` its real
+    signature: its own parameters, then :class:`HTTPBackend`'s keyword options with their
+    defaults, so ``inspect.signature`` and Jupyter's ``?`` list every keyword."""
+    own = inspect.signature(init)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in params}
+    shared = inspect.signature(HTTPBackend.__init__).parameters.values()
+    params += [p for p in shared if p.name in HTTPOptions.__annotations__ and p.name not in names]
+    cast("Any", init).__signature__ = own.replace(parameters=params)
+    return init
+
+
+class StockHTTPBackend(HTTPBackend):
+    """Shared by the stock-server backends (vLLM, SGLang): the server root (a trailing
+    ``/v1`` is dropped), an optional model name, and the model's context length.
+
+    Parameters
+    ----------
+    base_url
+        Server root, with or without a trailing ``/v1``.
+    model
+        Served model name (``None``: the backend resolves or ignores it).
+    max_model_len
+        The model's context, checked locally when known.
+    **options
+        :class:`HTTPOptions`: ``api_key``, ``timeout``, ``concurrency``, ``retry``,
+        ``transport``.
+    """
+
+    @with_http_options
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        max_model_len: int | None = None,
+        **options: Unpack[HTTPOptions],
+    ) -> None:
+        super().__init__(normalise_url(base_url, strip_v1=True), model=model, **options)
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The scorer :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``
+        (model and ``max_model_len`` as the server reported them, unless ``model`` is given).
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model,
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+            max_model_len=detection.max_model_len,
+        )
+        scorer.detection = detection
+        return scorer

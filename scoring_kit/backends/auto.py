@@ -92,7 +92,7 @@ async def amake_scorer(
     transport: httpx.AsyncBaseTransport | None = None,
     engine: Any = None,
 ) -> Scorer:
-    """Async :func:`make_scorer`, for use inside a running event loop."""
+    """Async :func:`make_scorer` (same parameters), for use inside a running event loop."""
     local = _local_or_none(base_url, backend, engine)
     if local is not None:
         return local
@@ -156,25 +156,20 @@ def make_scorer(
 
     Notes
     -----
-    Detection runs through :func:`scoring_kit._sync.run_sync`, so this also works inside
-    Jupyter; in async code prefer :func:`amake_scorer`. The scorer opens its connection
-    pool lazily on the event loop that first uses it.
+    This runs :func:`amake_scorer` through :func:`scoring_kit._sync.run_sync`, so it also
+    works inside Jupyter; in async code prefer :func:`amake_scorer`. The scorer opens its
+    connection pool lazily on the event loop that first uses it.
     """
-    local = _local_or_none(base_url, backend, engine)
-    if local is not None:
-        return local
-    assert base_url is not None
-    if backend == "auto":
-        from .._sync import run_sync
+    from .._sync import run_sync
 
-        detection = run_sync(detect_backend(base_url, api_key=api_key, transport=transport))
-    else:
-        detection = Detection(backend, f"requested explicitly (backend={backend!r})")
-    return _build(
-        base_url,
-        detection,
-        model=model,
-        api_key=api_key,
-        concurrency=concurrency,
-        transport=transport,
+    return run_sync(
+        amake_scorer(
+            base_url,
+            backend=backend,
+            model=model,
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+            engine=engine,
+        )
     )

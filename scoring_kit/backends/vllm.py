@@ -32,23 +32,20 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Unpack
 
-import httpx
 import numpy as np
 
 from .._exceptions import ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import BackendPromptError, HTTPBackend
-from ._retry import RetryPolicy
-from ._util import choice_text, completion_body, empty_scores, normalise_url
+from ._common import BackendPromptError, HTTPOptions, StockHTTPBackend, with_http_options
+from ._util import choice_text, completion_body, empty_scores
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._exceptions import BackendError
-    from .detect import Detection
 
 __all__ = ["VLLM_NEG_INF", "CostWarning", "VLLMScorer", "sum_prompt_logprobs"]
 
@@ -145,7 +142,7 @@ def sum_prompt_logprobs(
     return out
 
 
-class VLLMScorer(HTTPBackend):
+class VLLMScorer(StockHTTPBackend):
     """Scorer over a stock vLLM OpenAI-compatible server (``prompt_logprobs``).
 
     Parameters
@@ -167,57 +164,20 @@ class VLLMScorer(HTTPBackend):
 
     name = "vllm"
 
+    @with_http_options
     def __init__(
         self,
         base_url: str,
         *,
         model: str | None = None,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 300.0,
-        concurrency: int = 4,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         max_model_len: int | None = None,
         warn: bool = True,
+        **options: Unpack[HTTPOptions],
     ) -> None:
-        super().__init__(
-            normalise_url(base_url, strip_v1=True),
-            model=model,
-            api_key=api_key,
-            timeout=timeout,
-            concurrency=concurrency,
-            retry=retry,
-            transport=transport,
-        )
-        self.max_model_len = max_model_len
+        super().__init__(base_url, model=model, max_model_len=max_model_len, **options)
         self._models_read = model is not None and max_model_len is not None
         self._send_priority = True
         self._warned = not warn
-
-    @classmethod
-    def from_detection(
-        cls,
-        base_url: str,
-        detection: Detection,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        concurrency: int = 4,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> Self:
-        """The scorer :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``
-        (model and ``max_model_len`` as the server reported them, unless ``model`` is given).
-        """
-        scorer = cls(
-            base_url,
-            model=model or detection.model,
-            api_key=api_key,
-            concurrency=concurrency,
-            transport=transport,
-            max_model_len=detection.max_model_len,
-        )
-        scorer.detection = detection
-        return scorer
 
     # -- model info --------------------------------------------------------------------
 
