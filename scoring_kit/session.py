@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._exceptions import ConfigError
 from ._sync import run_sync
 from ._types import PathLike
 
@@ -66,7 +67,7 @@ class Session:
                 log.info("embedded server at %s", server)
         elif server is None:
             msg = f"backend {backend!r} needs a server URL (--server)"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.url: str | None = server
         self.scorer: Scorer = make_scorer(
             server,

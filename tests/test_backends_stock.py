@@ -24,9 +24,11 @@ import httpx
 import numpy as np
 import pytest
 
+from scoring_kit import _exceptions
 from scoring_kit._exceptions import (
     BackendError,
     BackendUnavailable,
+    ConfigError,
     PromptError,
     ProtocolError,
     ScoringAPIError,
@@ -576,6 +578,21 @@ def test_http_constructors_show_every_keyword(cls: type, own: list[str]) -> None
     assert "api_key=<set>" in repr(scorer)
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
         cls(URL, concurrency=0)
+
+
+def test_backend_errors_are_the_trees() -> None:
+    """The backends' old names are the tree's classes; bad arguments are ConfigErrors."""
+    assert BackendPromptError is _exceptions.BackendPromptError
+    assert CostWarning is _exceptions.CostWarning
+    assert DetectionError is _exceptions.DetectionError
+    with pytest.raises(ConfigError, match="valid backends"):
+        make_scorer(URL, backend="tgi")
+    with pytest.raises(ConfigError, match="concurrency must be >= 1"):
+        make_scorer(URL, backend="score", concurrency=0)
+    with pytest.raises(ConfigError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        ScoreClient(URL, batch_size=0)
 
 
 def test_make_scorer_rejects_bad_arguments() -> None:

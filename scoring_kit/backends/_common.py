@@ -28,7 +28,9 @@ import httpx
 
 from .._exceptions import (
     BackendError,
+    BackendPromptError,
     BackendUnavailable,
+    ConfigError,
     PromptError,
     ProtocolError,
     ScoringAPIError,
@@ -63,32 +65,6 @@ __all__ = [
 logger = logging.getLogger("scoring_kit.backends")
 
 _USER_AGENT = "scoring_kit/0.1 (+httpx)"
-
-
-class BackendPromptError(BackendError, PromptError):
-    """A prompt this backend cannot score: a bad span, or longer than the model's context.
-
-    It is a :class:`~scoring_kit.PromptError` (the request itself is at fault, so retrying
-    does not help) and also a :class:`~scoring_kit.BackendError`, so that ``score_batch``
-    records it in the request's slot instead of losing the whole batch.
-
-    Attributes
-    ----------
-    limit, actual
-        The limit that was exceeded and the value found, when the error is about a length.
-    """
-
-    def __init__(
-        self,
-        msg: str,
-        *,
-        backend: str | None = None,
-        limit: int | None = None,
-        actual: int | None = None,
-    ) -> None:
-        super().__init__(msg, backend=backend)
-        self.limit = limit
-        self.actual = actual
 
 
 # --------------------------------------------------------------------------- base class
@@ -158,7 +134,7 @@ class HTTPBackend:
     ) -> None:
         if concurrency < 1:
             msg = f"concurrency must be >= 1, got {concurrency}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.base_url = base_url
         self.model = model
         self.concurrency = int(concurrency)

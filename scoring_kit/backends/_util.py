@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import orjson
 
-from .._exceptions import ProtocolError
+from .._exceptions import ConfigError, ProtocolError
 from .._types import FloatArray
 from ..wire import CompletionRequest
 
@@ -53,8 +53,8 @@ def normalise_url(url: str, *, strip_v1: bool = False) -> str:
 
     Raises
     ------
-    ValueError
-        When the URL is not ``http://`` or ``https://`` with a host.
+    ConfigError
+        A ``ValueError``: the URL is not ``http://`` or ``https://`` with a host.
 
     Examples
     --------
@@ -65,7 +65,7 @@ def normalise_url(url: str, *, strip_v1: bool = False) -> str:
     parts = urlsplit(out)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         msg = f"base URL must look like http://host:port[/path], got {display_url(url)!r}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     if strip_v1 and out.endswith("/v1"):
         out = out[: -len("/v1")]
     return out

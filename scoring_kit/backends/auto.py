@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .._exceptions import DetectionError
+from .._exceptions import ConfigError, DetectionError
 from ._util import display_url
 from .detect import Detection, detect_backend
 from .registry import backend_names, check_backend, load_backend
@@ -77,7 +77,7 @@ def _local_or_none(base_url: str | None, backend: str, engine: Any) -> Scorer | 
     if base_url is None:
         if backend != "auto":
             msg = f"backend {backend!r} needs a base_url; pass one, or use backend='local'"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         return _local(engine, "no base_url: the embedded engine in-process")
     return None
 
@@ -148,9 +148,9 @@ def make_scorer(
 
     Raises
     ------
-    ValueError
-        Unknown ``backend`` (the message lists the valid ones), or an HTTP backend with
-        no ``base_url``.
+    ConfigError
+        A ``ValueError``: unknown ``backend`` (the message lists the valid ones), or an
+        HTTP backend with no ``base_url``.
     BackendError
         As for :func:`detect_backend`.
 

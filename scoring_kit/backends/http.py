@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self, Unpack
 import httpx
 import numpy as np
 
-from .._exceptions import BackendError, ProtocolError, ScoringAPIError
+from .._exceptions import BackendError, ConfigError, ProtocolError, ScoringAPIError
 from .._types import FloatArray
 from ._common import BackendPromptError, HTTPBackend, HTTPOptions, with_http_options
 from ._util import (
@@ -156,10 +156,10 @@ class ScoreClient(HTTPBackend):
     ) -> None:
         if batch not in ("auto", True, False):
             msg = f"batch must be 'auto', True or False, got {batch!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if batch_size < 1:
             msg = f"batch_size must be >= 1, got {batch_size}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         super().__init__(normalise_url(base_url), model=model, **options)
         self.model: str = model
         self.batch = batch
@@ -378,8 +378,8 @@ class ScoreClient(HTTPBackend):
 
         Raises
         ------
-        ValueError
-            ``samples`` is empty.
+        ConfigError
+            ``samples`` is empty (a ``ValueError``).
         ProtocolError
             The answer has no ``job_id``.
 
@@ -390,7 +390,7 @@ class ScoreClient(HTTPBackend):
         """
         if not samples:
             msg = "no samples to train"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         body = {"training_data": {"samples": [dict(s) for s in samples]}}
         with self._tracking():
             _, data = await self._request_json(

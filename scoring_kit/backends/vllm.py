@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import numpy as np
 
-from .._exceptions import ProtocolError, ScoringAPIError
+from .._exceptions import CostWarning, ProtocolError, ScoringAPIError
 from .._types import FloatArray
+from ..wire import VLLM_NEG_INF
 from ._common import BackendPromptError, HTTPOptions, StockHTTPBackend, with_http_options
 from ._util import choice_text, completion_body, empty_scores
 from .base import CompletionRequest, ScoreRequest, gather_in_order
@@ -51,14 +52,7 @@ __all__ = ["VLLM_NEG_INF", "CostWarning", "VLLMScorer", "sum_prompt_logprobs"]
 
 logger = logging.getLogger("scoring_kit.backends.vllm")
 
-#: vLLM's stand-in for ``-inf`` in prompt logprobs (``clamp_prompt_logprobs``).
-VLLM_NEG_INF = -9999.0
-
 _WHAT = "vllm /v1/completions"
-
-
-class CostWarning(UserWarning):
-    """Scoring through this backend is much more expensive than through ``/score``."""
 
 
 def sum_prompt_logprobs(
