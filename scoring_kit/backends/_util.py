@@ -7,7 +7,6 @@ No client and no state: :mod:`~scoring_kit.backends.detect` (the probes) and
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,7 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import orjson
 
+from .. import _settings
 from .._exceptions import ConfigError, ProtocolError
+from .._settings import API_KEY_ENV
 from .._types import FloatArray
 from ..wire import CompletionRequest
 
@@ -36,15 +37,12 @@ __all__ = [
     "snippet",
 ]
 
-#: Environment variable read when no ``api_key`` is passed.
-API_KEY_ENV = "SCORING_KIT_API_KEY"
-
 _MAX_BODY_IN_MESSAGE = 500
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
     """``api_key`` if given, else ``$SCORING_KIT_API_KEY``, else ``None`` (empty is unset)."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    key = api_key if api_key is not None else _settings.api_key()
     return key or None
 
 
