@@ -122,6 +122,27 @@ class Session:
         return f"Session({self.scorer.name} at {where})"
 
 
-def open_session(server: str | None = None, **kwargs: Any) -> Session:
-    """Open a :class:`Session` (see its parameters)."""
-    return Session(server, **kwargs)
+def open_session(
+    server: str | None = None,
+    *,
+    backend: str = "auto",
+    model: str | None = None,
+    api_key: str | None = None,
+    model_path: PathLike | None = None,
+    device: str | None = None,
+    embedded: Literal["server", "inprocess"] = "server",
+    concurrency: int = 4,
+    train_dir: PathLike | None = None,
+) -> Session:
+    """Open a :class:`Session` (same parameters)."""
+    return Session(
+        server,
+        backend=backend,
+        model=model,
+        api_key=api_key,
+        model_path=model_path,
+        device=device,
+        embedded=embedded,
+        concurrency=concurrency,
+        train_dir=train_dir,
+    )
