@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import _settings
 from ._exceptions import (
     BackendError,
     ContextError,
@@ -83,12 +83,14 @@ def _int_at_least(lowest: int) -> Any:
 
 
 def _add_server(p: argparse.ArgumentParser) -> None:
+    from .backends.registry import backend_names
+
     g = p.add_argument_group("server (default: the embedded model, no server needed)")
-    g.add_argument("--server", metavar="URL", default=os.environ.get("SCORING_KIT_SERVER"),
+    g.add_argument("--server", metavar="URL", default=_settings.server(),
                    help="base URL of a scoring server (env SCORING_KIT_SERVER); without it the "
                         "embedded SmolLM2-135M-Instruct runs in a server this command starts")
     g.add_argument("--backend", default="auto",
-                   choices=["auto", "score", "vllm", "sglang", "local"],
+                   choices=backend_names(),
                    help="protocol: the seed's /score, stock vLLM (/v1/completions "
                         "prompt_logprobs), SGLang (/generate), local (in-process); auto probes")
     g.add_argument("--model", default=None, help="model name sent to the server")

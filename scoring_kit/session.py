@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._sync import run_sync, takes_params_of
+from ._exceptions import ConfigError
+from ._sync import run_sync
 from ._types import PathLike
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Session:
                 log.info("embedded server at %s", server)
         elif server is None:
             msg = f"backend {backend!r} needs a server URL (--server)"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.url: str | None = server
         self.scorer: Scorer = make_scorer(
             server,
@@ -123,7 +124,27 @@ class Session:
         return f"Session({self.scorer.name} at {where})"
 
 
-@takes_params_of(Session)
-def open_session(*args: Any, **kwargs: Any) -> Session:
-    """Open a :class:`Session` (its parameters, shown by :func:`inspect.signature`)."""
-    return Session(*args, **kwargs)
+def open_session(
+    server: str | None = None,
+    *,
+    backend: str = "auto",
+    model: str | None = None,
+    api_key: str | None = None,
+    model_path: PathLike | None = None,
+    device: str | None = None,
+    embedded: Literal["server", "inprocess"] = "server",
+    concurrency: int = 4,
+    train_dir: PathLike | None = None,
+) -> Session:
+    """Open a :class:`Session` (same parameters)."""
+    return Session(
+        server,
+        backend=backend,
+        model=model,
+        api_key=api_key,
+        model_path=model_path,
+        device=device,
+        embedded=embedded,
+        concurrency=concurrency,
+        train_dir=train_dir,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import json
 import math
 import warnings
@@ -23,9 +24,11 @@ import httpx
 import numpy as np
 import pytest
 
+from scoring_kit import _exceptions
 from scoring_kit._exceptions import (
     BackendError,
     BackendUnavailable,
+    ConfigError,
     PromptError,
     ProtocolError,
     ScoringAPIError,
@@ -551,6 +554,45 @@ def test_make_scorer_builds_detected_backend() -> None:
     explicit = make_scorer(URL, backend="sglang", transport=transport)
     assert isinstance(explicit, SGLangScorer) and explicit.detection is not None
     assert "explicitly" in explicit.detection.reason
+
+
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [
+        (ScoreClient, ["model", "batch", "batch_size"]),
+        (VLLMScorer, ["model", "max_model_len", "warn"]),
+        (SGLangScorer, ["model", "max_model_len"]),
+    ],
+)
+def test_http_constructors_show_every_keyword(cls: type, own: list[str]) -> None:
+    """The shared connection options are written once (HTTPOptions), yet every constructor's
+    signature lists them with their defaults, and they reach the client."""
+    sig = inspect.signature(cls)
+    shared = ["api_key", "timeout", "concurrency", "retry", "transport"]
+    assert list(sig.parameters) == ["base_url", *own, *shared]
+    assert sig.parameters["timeout"].default == 300.0
+    assert sig.parameters["concurrency"].default == 4
+    policy = RetryPolicy(max_attempts=2)
+    scorer = cls(URL, api_key="k", timeout=7.0, concurrency=3, retry=policy)
+    assert (scorer.concurrency, scorer.retry, scorer._timeout) == (3, policy, httpx.Timeout(7.0))
+    assert "api_key=<set>" in repr(scorer)
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        cls(URL, concurrency=0)
+
+
+def test_backend_errors_are_the_trees() -> None:
+    """The backends' old names are the tree's classes; bad arguments are ConfigErrors."""
+    assert BackendPromptError is _exceptions.BackendPromptError
+    assert CostWarning is _exceptions.CostWarning
+    assert DetectionError is _exceptions.DetectionError
+    with pytest.raises(ConfigError, match="valid backends"):
+        make_scorer(URL, backend="tgi")
+    with pytest.raises(ConfigError, match="concurrency must be >= 1"):
+        make_scorer(URL, backend="score", concurrency=0)
+    with pytest.raises(ConfigError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        ScoreClient(URL, batch_size=0)
 
 
 def test_make_scorer_rejects_bad_arguments() -> None:

@@ -348,3 +348,26 @@ def test_incremental_prints_scored_and_skipped(
     res = run_cli(argv, capsys)
     assert res.code == 0 and "not due pet" in res.out.splitlines()
     assert res.out.splitlines()[-1].startswith("0 scored, 2 skipped, 1 not due, 0 failed")
+
+
+def test_backend_choices_come_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--backend lists exactly ``auto`` and the registered names; a newly registered backend
+    shows up without touching the CLI."""
+    import inspect
+    import types
+
+    from scoring_kit.backends import registry
+    from scoring_kit.session import Session, open_session
+
+    def choices() -> list[str]:
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        act = next(a for a in sub.choices["score"]._actions if "--backend" in a.option_strings)
+        return list(act.choices or [])
+
+    assert choices() == ["auto", "score", "vllm", "sglang", "local"]
+    extended = types.MappingProxyType({**registry.REGISTRY, "echo": "tests.fake:Echo"})
+    monkeypatch.setattr(registry, "REGISTRY", extended)
+    assert choices()[-1] == "echo"
+    # open_session shows Session's parameters (not **kwargs)
+    assert inspect.signature(open_session).parameters.keys() == \
+        inspect.signature(Session).parameters.keys()

@@ -190,6 +190,16 @@ def test_empty_and_missing_files(tmp_path: Path, tokenizer: Any) -> None:
         load_context(tmp_path / "nope.jsonl", tokenizer)
 
 
+
+def test_plain_file_needs_a_tokenizer_tokenized_file_does_not(tmp_path: Path) -> None:
+    """The context layer loads no model: a plain file without a tokenizer is refused,
+    naming the file; a tokenized file loads without one."""
+    with pytest.raises(ContextError, match=r"sample_conversation\.jsonl: plain messages need a "
+                                           r"tokenizer"):
+        load_context(PLAIN)
+    assert load_context(TOKENIZED).memory_keys()
+
+
 BAD_NODES: list[tuple[str, Any, str]] = [
     ("unknown kind", {"section": "conversation", "kind": "thought", "token_ids": [1]}, r":2, field 'kind'"),
     ("unknown section", {"section": "attic", "kind": "user", "token_ids": [1]}, r":2, field 'section'"),

@@ -1,5 +1,8 @@
 """httpx plumbing shared by the HTTP backends (``score``, ``vllm``, ``sglang``).
 
+The pure URL / JSON helpers are in :mod:`~scoring_kit.backends._util`, the probes in
+:mod:`~scoring_kit.backends.detect`.
+
 :class:`HTTPBackend` owns one ``httpx.AsyncClient`` (per event loop: a client is bound to
 the loop it first ran on, and the sync facade runs each call on a fresh loop), sends JSON
 encoded with orjson, retries under a :class:`~scoring_kit.backends._retry.RetryPolicy`, and
@@ -15,263 +18,72 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import inspect
 import logging
-import os
 import weakref
-from collections.abc import AsyncGenerator, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar, Unpack, cast
 
 import httpx
-import numpy as np
-import orjson
 
 from .._exceptions import (
     BackendError,
+    BackendPromptError,
     BackendUnavailable,
+    ConfigError,
     PromptError,
     ProtocolError,
     ScoringAPIError,
 )
-from .._types import FloatArray
 from ._retry import RetryPolicy, parse_retry_after
-from .base import CompletionRequest, ScoreRequest, ScorerStats, validate_score_request
+from ._util import (
+    API_KEY_ENV,
+    display_url,
+    dumps_json,
+    error_message,
+    extract_message,
+    loads_json,
+    normalise_url,
+    resolve_api_key,
+    snippet,
+)
+from .base import ScoreRequest, ScorerStats, validate_score_request
+
+if TYPE_CHECKING:
+    from .detect import Detection
 
 __all__ = [
     "API_KEY_ENV",
     "BackendPromptError",
     "HTTPBackend",
-    "ProbeResult",
-    "choice_text",
-    "completion_body",
-    "display_url",
-    "dumps_json",
-    "empty_scores",
-    "error_message",
-    "extract_message",
-    "int_or",
-    "loads_json",
-    "normalise_url",
-    "probe",
+    "HTTPOptions",
+    "StockHTTPBackend",
     "resolve_api_key",
+    "with_http_options",
 ]
 
 logger = logging.getLogger("scoring_kit.backends")
 
-#: Environment variable read when no ``api_key`` is passed.
-API_KEY_ENV = "SCORING_KIT_API_KEY"
-
 _USER_AGENT = "scoring_kit/0.1 (+httpx)"
-_MAX_BODY_IN_MESSAGE = 500
-
-
-class BackendPromptError(BackendError, PromptError):
-    """A prompt this backend cannot score: a bad span, or longer than the model's context.
-
-    It is a :class:`~scoring_kit.PromptError` (the request itself is at fault, so retrying
-    does not help) and also a :class:`~scoring_kit.BackendError`, so that ``score_batch``
-    records it in the request's slot instead of losing the whole batch.
-
-    Attributes
-    ----------
-    limit, actual
-        The limit that was exceeded and the value found, when the error is about a length.
-    """
-
-    def __init__(
-        self,
-        msg: str,
-        *,
-        backend: str | None = None,
-        limit: int | None = None,
-        actual: int | None = None,
-    ) -> None:
-        super().__init__(msg, backend=backend)
-        self.limit = limit
-        self.actual = actual
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def resolve_api_key(api_key: str | None) -> str | None:
-    """``api_key`` if given, else ``$SCORING_KIT_API_KEY``, else ``None`` (empty is unset)."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    return key or None
-
-
-def normalise_url(url: str, *, strip_v1: bool = False) -> str:
-    """Strip blanks and trailing slashes (and a trailing ``/v1`` when ``strip_v1``).
-
-    Raises
-    ------
-    ValueError
-        When the URL is not ``http://`` or ``https://`` with a host.
-
-    Examples
-    --------
-    >>> normalise_url("http://127.0.0.1:8000/v1/", strip_v1=True)
-    'http://127.0.0.1:8000'
-    """
-    out = url.strip().rstrip("/")
-    parts = urlsplit(out)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        msg = f"base URL must look like http://host:port[/path], got {display_url(url)!r}"
-        raise ValueError(msg)
-    if strip_v1 and out.endswith("/v1"):
-        out = out[: -len("/v1")]
-    return out
-
-
-def display_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def dumps_json(obj: Any) -> bytes:
-    """Encode a request body (orjson; numpy arrays and scalars allowed)."""
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def loads_json(content: bytes) -> Any:
-    """Decode a response body.
-
-    orjson first (fast on long logprob lists); on failure the stdlib parser, which also
-    accepts the ``NaN`` / ``-Infinity`` literals that Python servers may emit.
-
-    Raises
-    ------
-    ValueError
-        When the body is not JSON (truncated, HTML error page, empty).
-    """
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return json.loads(content)
-
-
-def extract_message(body: Any) -> str | None:
-    """The error text in a JSON error body, or ``None`` when it has none.
-
-    Understands ``{"error": "..."}`` (the seed's server), ``{"error": {"message": ...}}``
-    (vLLM ≥ 0.10, SGLang), ``{"message": ...}`` (vLLM ≤ 0.9) and ``{"detail": ...}``
-    (FastAPI / Starlette).
-
-    Examples
-    --------
-    >>> extract_message({"error": {"message": "bad span", "code": 400}})
-    'bad span'
-    >>> extract_message({"detail": "Not Found"})
-    'Not Found'
-    """
-    if not isinstance(body, Mapping):
-        return None
-    for key in ("error", "message", "detail"):
-        value = body.get(key)
-        if value is None or value == "" or value == {}:
-            continue
-        if isinstance(value, str):
-            return value
-        if isinstance(value, Mapping):
-            inner = value.get("message")
-            if isinstance(inner, str) and inner:
-                return inner
-            return _compact(value)
-        return _compact(value)
-    return None
-
-
-def _compact(value: Any) -> str:
-    try:
-        return orjson.dumps(value, default=str).decode("utf-8", "replace")
-    except TypeError:
-        return str(value)
-
-
-def _snippet(content: bytes, limit: int = _MAX_BODY_IN_MESSAGE) -> str:
-    text = content.decode("utf-8", "replace").strip()
-    if len(text) > limit:
-        return text[:limit] + f"… ({len(content)} bytes)"
-    return text
-
-
-def error_message(content: bytes, *, reason: str = "") -> str:
-    """The message of a non-2xx answer: the JSON error text, else the body text (truncated)."""
-    try:
-        body = loads_json(content)
-    except ValueError:
-        body = None
-    msg = extract_message(body)
-    if msg is not None:
-        return msg
-    text = _snippet(content)
-    if text:
-        return text
-    return reason or "empty response body"
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """What one detection probe answered: ``status`` (``None`` when nothing answered)."""
-
-    method: str
-    path: str
-    status: int | None
-    body: Any = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300 and self.body is not None
-
-    def describe(self) -> str:
-        """One line: ``GET /v1/models → 404 {"detail":"Not Found"}``."""
-        head = f"{self.method} {self.path} → "
-        if self.status is None:
-            return head + (self.error or "no answer")
-        extra = ""
-        if self.body is not None:
-            text = _compact(self.body)
-            extra = " " + (text if len(text) <= 120 else text[:120] + "…")
-        elif self.error:
-            extra = f" ({self.error})"
-        return f"{head}{self.status}{extra}"
-
-
-async def probe(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    path: str,
-    *,
-    body: Any = None,
-) -> ProbeResult:
-    """One request, no retries; never raises for HTTP or transport failures."""
-    content = dumps_json(body) if body is not None else None
-    headers = {"content-type": "application/json"} if content is not None else None
-    try:
-        resp = await client.request(method, url, content=content, headers=headers)
-    except httpx.HTTPError as exc:
-        return ProbeResult(method, path, None, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
-    try:
-        data = loads_json(resp.content) if resp.content else None
-    except ValueError:
-        return ProbeResult(method, path, resp.status_code, error="body is not JSON")
-    return ProbeResult(method, path, resp.status_code, data)
 
 
 # --------------------------------------------------------------------------- base class
+
+
+class HTTPOptions(TypedDict, total=False):
+    """The connection options every HTTP backend takes by keyword.
+
+    Written once: the defaults and their meaning are those of :class:`HTTPBackend`
+    (``api_key=None``, ``timeout=300.0``, ``concurrency=4``, ``retry=None``,
+    ``transport=None``); a backend's constructor takes ``**options: Unpack[HTTPOptions]``
+    and passes them on.
+    """
+
+    api_key: str | None
+    timeout: float | httpx.Timeout | None
+    concurrency: int
+    retry: RetryPolicy | None
+    transport: httpx.AsyncBaseTransport | None
 
 
 async def _close_with_loop(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
@@ -305,6 +117,9 @@ class HTTPBackend:
     """
 
     name: str = "http"
+    #: What :func:`~scoring_kit.backends.detect.detect_backend` found (set by
+    #: :func:`~scoring_kit.backends.auto.make_scorer`; ``None`` for a scorer built directly).
+    detection: Detection | None = None
 
     def __init__(
         self,
@@ -319,7 +134,7 @@ class HTTPBackend:
     ) -> None:
         if concurrency < 1:
             msg = f"concurrency must be >= 1, got {concurrency}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         self.base_url = base_url
         self.model = model
         self.concurrency = int(concurrency)
@@ -498,10 +313,10 @@ class HTTPBackend:
                 if idempotent and attempt < policy.max_attempts:
                     await self._wait(policy, attempt, None, cause, what, shown)
                     continue
-                snippet = self._redact(_snippet(resp.content, 200))
+                head = self._redact(snippet(resp.content, 200))
                 msg = (
                     f"{what}: {cause} from {shown} after {attempt} attempt(s); "
-                    f"body starts {snippet!r}"
+                    f"body starts {head!r}"
                 )
                 raise ProtocolError(msg, backend=self.name) from exc
             if isinstance(data, Mapping) and data.get("error") not in (None, "", {}):
@@ -538,47 +353,75 @@ class HTTPBackend:
         await policy.sleep(delay)
 
 
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- constructors
 
 
-def choice_text(data: Any, *, what: str, backend: str) -> str:
-    """``choices[0].text`` of an OpenAI-style completion, or :class:`ProtocolError`."""
-    try:
-        text = data["choices"][0]["text"]
-    except (KeyError, IndexError, TypeError):
-        text = None
-    if not isinstance(text, str):
-        msg = f"{what}: answer has no choices[0].text string; got {_compact(data)[:200]}"
-        raise ProtocolError(msg, backend=backend)
-    return text
+_F = TypeVar("_F", bound=Callable[..., None])
 
 
-def int_or(value: Any, default: int) -> int:
-    """``value`` when it is an int (not a bool), else ``default``."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+def with_http_options(init: _F) -> _F:
+    """Give a backend ``__init__`` that takes ``**options: Unpack[HTTPOptions]`` its real
+    signature: its own parameters, then :class:`HTTPBackend`'s keyword options with their
+    defaults, so ``inspect.signature`` and Jupyter's ``?`` list every keyword."""
+    own = inspect.signature(init)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in params}
+    shared = inspect.signature(HTTPBackend.__init__).parameters.values()
+    params += [p for p in shared if p.name in HTTPOptions.__annotations__ and p.name not in names]
+    cast("Any", init).__signature__ = own.replace(parameters=params)
+    return init
 
 
-def empty_scores() -> FloatArray:
-    """The result for a request with no ranges."""
-    return np.empty(0, dtype=np.float64)
+class StockHTTPBackend(HTTPBackend):
+    """Shared by the stock-server backends (vLLM, SGLang): the server root (a trailing
+    ``/v1`` is dropped), an optional model name, and the model's context length.
 
-
-def completion_body(request: CompletionRequest, model: str | None) -> dict[str, Any]:
-    """The OpenAI-style ``/completions`` body for ``request`` (token-id prompt, no priority).
-
-    Shared by the seed's ``/completions`` and stock vLLM's ``/v1/completions``; each caller
-    adds what only its server takes (``priority``, ``stream``).
+    Parameters
+    ----------
+    base_url
+        Server root, with or without a trailing ``/v1``.
+    model
+        Served model name (``None``: the backend resolves or ignores it).
+    max_model_len
+        The model's context, checked locally when known.
+    **options
+        :class:`HTTPOptions`: ``api_key``, ``timeout``, ``concurrency``, ``retry``,
+        ``transport``.
     """
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": list(request.prompt),
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "top_k": request.top_k,
-        "stop_token_ids": list(request.stop_token_ids),
-        "skip_special_tokens": False,
-    }
-    if request.seed is not None:
-        body["seed"] = request.seed
-    return body
+
+    @with_http_options
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        max_model_len: int | None = None,
+        **options: Unpack[HTTPOptions],
+    ) -> None:
+        super().__init__(normalise_url(base_url, strip_v1=True), model=model, **options)
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The scorer :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``
+        (model and ``max_model_len`` as the server reported them, unless ``model`` is given).
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model,
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+            max_model_len=detection.max_model_len,
+        )
+        scorer.detection = detection
+        return scorer

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 
 import httpx
 
+from .._exceptions import ConfigError
+
 __all__ = ["DEFAULT_RETRY_STATUSES", "RetryPolicy", "Sleep", "parse_retry_after"]
 
 #: An awaitable sleep, ``asyncio.sleep`` by default; tests inject one that records delays.
@@ -86,16 +88,16 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             msg = f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if self.base_delay < 0 or self.max_delay < 0:
             msg = (
                 f"RetryPolicy delays must be >= 0, got base_delay={self.base_delay}, "
                 f"max_delay={self.max_delay}"
             )
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if not 0.0 <= self.jitter <= 1.0:
             msg = f"RetryPolicy.jitter must be in [0, 1], got {self.jitter}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         object.__setattr__(self, "retry_statuses", frozenset(int(s) for s in self.retry_statuses))
 
     @classmethod

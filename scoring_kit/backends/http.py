@@ -18,29 +18,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self, Unpack
 
 import httpx
 import numpy as np
 
-from .._exceptions import BackendError, ProtocolError, ScoringAPIError
+from .._exceptions import BackendError, ConfigError, ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import (
-    BackendPromptError,
-    HTTPBackend,
+from ._common import BackendPromptError, HTTPBackend, HTTPOptions, with_http_options
+from ._util import (
     choice_text,
     completion_body,
     empty_scores,
     extract_message,
     int_or,
     normalise_url,
-    probe,
 )
-from ._retry import RetryPolicy
 from .base import CompletionRequest, ScoreRequest, gather_in_order
+from .detect import probe
 
 if TYPE_CHECKING:
-    from .auto import Detection
+    from .detect import Detection
 
 __all__ = ["ScoreClient", "parse_scores"]
 
@@ -117,6 +115,11 @@ class ScoreClient(HTTPBackend):
         ``/v1`` stays; the embedded server answers both ``/score`` and ``/v1/score``).
     model
         Model name sent in every body.
+    batch
+        ``"auto"``: use ``/score/batch`` when ``GET /health`` lists ``score_batch`` (probed
+        once, on the first :meth:`score_batch`); ``True``: always; ``False``: never.
+    batch_size
+        Requests per ``/score/batch`` round trip.
     api_key
         Sent as ``authorization: Bearer <key>``; ``None`` reads ``$SCORING_KIT_API_KEY``.
         Never shown in errors, reprs or logs.
@@ -128,11 +131,9 @@ class ScoreClient(HTTPBackend):
         :class:`~scoring_kit.backends._retry.RetryPolicy` (default ``RetryPolicy()``).
     transport
         httpx transport replacing the network (tests).
-    batch
-        ``"auto"``: use ``/score/batch`` when ``GET /health`` lists ``score_batch`` (probed
-        once, on the first :meth:`score_batch`); ``True``: always; ``False``: never.
-    batch_size
-        Requests per ``/score/batch`` round trip.
+
+    The last five are the :class:`~scoring_kit.backends._common.HTTPOptions` every HTTP
+    backend takes.
 
     Examples
     --------
@@ -143,40 +144,53 @@ class ScoreClient(HTTPBackend):
 
     name = "score"
 
+    @with_http_options
     def __init__(
         self,
         base_url: str,
         *,
         model: str = "default",
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 300.0,
-        concurrency: int = 4,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         batch: bool | Literal["auto"] = "auto",
         batch_size: int = 16,
+        **options: Unpack[HTTPOptions],
     ) -> None:
         if batch not in ("auto", True, False):
             msg = f"batch must be 'auto', True or False, got {batch!r}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         if batch_size < 1:
             msg = f"batch_size must be >= 1, got {batch_size}"
-            raise ValueError(msg)
-        super().__init__(
-            normalise_url(base_url),
-            model=model,
-            api_key=api_key,
-            timeout=timeout,
-            concurrency=concurrency,
-            retry=retry,
-            transport=transport,
-        )
+            raise ConfigError(msg)
+        super().__init__(normalise_url(base_url), model=model, **options)
         self.model: str = model
         self.batch = batch
         self.batch_size = int(batch_size)
         self._batch_supported: bool | None = None if batch == "auto" else bool(batch)
         self.capabilities: frozenset[str] | None = None
-        self.detection: Detection | None = None
+
+    @classmethod
+    def from_detection(
+        cls,
+        base_url: str,
+        detection: Detection,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Self:
+        """The client :func:`~scoring_kit.backends.auto.make_scorer` builds for ``detection``.
+
+        ``model`` defaults to the one the server reported, else ``"default"``.
+        """
+        scorer = cls(
+            base_url,
+            model=model or detection.model or "default",
+            api_key=api_key,
+            concurrency=concurrency,
+            transport=transport,
+        )
+        scorer.detection = detection
+        return scorer
 
     # -- /score ------------------------------------------------------------------------
 
@@ -364,8 +378,8 @@ class ScoreClient(HTTPBackend):
 
         Raises
         ------
-        ValueError
-            ``samples`` is empty.
+        ConfigError
+            ``samples`` is empty (a ``ValueError``).
         ProtocolError
             The answer has no ``job_id``.
 
@@ -376,7 +390,7 @@ class ScoreClient(HTTPBackend):
         """
         if not samples:
             msg = "no samples to train"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         body = {"training_data": {"samples": [dict(s) for s in samples]}}
         with self._tracking():
             _, data = await self._request_json(

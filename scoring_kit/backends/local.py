@@ -23,6 +23,7 @@ from .base import CompletionRequest, ScoreRequest, ScorerStats
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine, EngineStats
+    from .detect import Detection
 
 __all__ = ["LocalScorer"]
 
@@ -59,6 +60,8 @@ class LocalScorer:
     """
 
     name = _BACKEND
+    #: Why this backend was chosen (set by :func:`~scoring_kit.backends.auto.make_scorer`).
+    detection: Detection | None = None
 
     def __init__(
         self,

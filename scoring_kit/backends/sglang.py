@@ -27,18 +27,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import numpy as np
 
 from .._exceptions import ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import HTTPBackend, empty_scores, int_or, normalise_url
-from ._retry import RetryPolicy
+from ._common import StockHTTPBackend
+from ._util import empty_scores, int_or
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from .._exceptions import BackendError
-    from .auto import Detection
 
 __all__ = ["SGLangScorer", "sum_input_token_logprobs"]
 
@@ -131,7 +129,7 @@ def sum_input_token_logprobs(
     return out
 
 
-class SGLangScorer(HTTPBackend):
+class SGLangScorer(StockHTTPBackend):
     """Scorer over a stock SGLang server (``/generate`` with ``input_token_logprobs``).
 
     Parameters
@@ -147,30 +145,6 @@ class SGLangScorer(HTTPBackend):
     """
 
     name = "sglang"
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 300.0,
-        concurrency: int = 4,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_model_len: int | None = None,
-    ) -> None:
-        super().__init__(
-            normalise_url(base_url, strip_v1=True),
-            model=model,
-            api_key=api_key,
-            timeout=timeout,
-            concurrency=concurrency,
-            retry=retry,
-            transport=transport,
-        )
-        self.max_model_len = max_model_len
-        self.detection: Detection | None = None
 
     def _meta(self, data: Any) -> Mapping[str, Any]:
         if isinstance(data, list) and len(data) == 1:

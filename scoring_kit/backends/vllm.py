@@ -32,42 +32,27 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-import httpx
 import numpy as np
 
-from .._exceptions import ProtocolError, ScoringAPIError
+from .._exceptions import CostWarning, ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ._common import (
-    BackendPromptError,
-    HTTPBackend,
-    choice_text,
-    completion_body,
-    empty_scores,
-    normalise_url,
-)
-from ._retry import RetryPolicy
+from ..wire import VLLM_NEG_INF
+from ._common import BackendPromptError, HTTPOptions, StockHTTPBackend, with_http_options
+from ._util import choice_text, completion_body, empty_scores
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._exceptions import BackendError
-    from .auto import Detection
 
 __all__ = ["VLLM_NEG_INF", "CostWarning", "VLLMScorer", "sum_prompt_logprobs"]
 
 logger = logging.getLogger("scoring_kit.backends.vllm")
 
-#: vLLM's stand-in for ``-inf`` in prompt logprobs (``clamp_prompt_logprobs``).
-VLLM_NEG_INF = -9999.0
-
 _WHAT = "vllm /v1/completions"
-
-
-class CostWarning(UserWarning):
-    """Scoring through this backend is much more expensive than through ``/score``."""
 
 
 def sum_prompt_logprobs(
@@ -151,7 +136,7 @@ def sum_prompt_logprobs(
     return out
 
 
-class VLLMScorer(HTTPBackend):
+class VLLMScorer(StockHTTPBackend):
     """Scorer over a stock vLLM OpenAI-compatible server (``prompt_logprobs``).
 
     Parameters
@@ -173,30 +158,17 @@ class VLLMScorer(HTTPBackend):
 
     name = "vllm"
 
+    @with_http_options
     def __init__(
         self,
         base_url: str,
         *,
         model: str | None = None,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 300.0,
-        concurrency: int = 4,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         max_model_len: int | None = None,
         warn: bool = True,
+        **options: Unpack[HTTPOptions],
     ) -> None:
-        super().__init__(
-            normalise_url(base_url, strip_v1=True),
-            model=model,
-            api_key=api_key,
-            timeout=timeout,
-            concurrency=concurrency,
-            retry=retry,
-            transport=transport,
-        )
-        self.max_model_len = max_model_len
-        self.detection: Detection | None = None
+        super().__init__(base_url, model=model, max_model_len=max_model_len, **options)
         self._models_read = model is not None and max_model_len is not None
         self._send_priority = True
         self._warned = not warn

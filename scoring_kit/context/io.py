@@ -320,11 +320,18 @@ def load_context(
     path
         A plain messages JSONL or a tokenized context JSONL file.
     tokenizer
-        Used to tokenize plain messages, and to check tokenized ids against its vocabulary.
-        Default for plain messages: the embedded model's tokenizer.
+        Tokenizes plain messages (required for them), and checks the ids of a tokenized
+        file against its vocabulary (optional there). The session and the CLI load the
+        model's tokenizer and pass it in; this layer never loads a model.
     reading
         For OpenAI-style transcripts and Letta agent files (:mod:`.formats`, detected from
         the first bytes): which messages are memories and responses.
+
+    Raises
+    ------
+    ContextError
+        A bad line (file, line and field named), or a plain-message file with no
+        ``tokenizer``.
     """
     p = Path(path)
     from .formats import load_agent  # OpenAI-style / Letta formats (issue 18)
@@ -337,9 +344,12 @@ def load_context(
         vocab = tokenizer.vocab_size if tokenizer is not None else None
         return _context_from_nodes(rows, path=str(p), vocab=vocab)
     if tokenizer is None:
-        from ..engine.loader import load_tokenizer
-
-        tokenizer = load_tokenizer()
+        msg = (
+            "plain messages need a tokenizer: pass tokenizer= (e.g. "
+            "scoring_kit.engine.loader.load_tokenizer()), or load the file with a session "
+            "(sess.load(path)); tokenized context files need none"
+        )
+        raise ContextError(msg, path=str(p))
     return context_from_messages(
         [o for _, o in rows], tokenizer, path=str(p), lines=[n for n, _ in rows]
     )

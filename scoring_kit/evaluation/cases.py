@@ -26,7 +26,6 @@ depend only on ``(seed, case)``, so a smaller run is a subset of a larger one.
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from .. import _settings
 from .._exceptions import ContextError
+from .._settings import LOCOMO_ENV
 from .._types import PathLike
 
 if TYPE_CHECKING:
@@ -54,9 +55,6 @@ __all__ = [
     "load_locomo",
     "locomo_memories",
 ]
-
-#: Environment variable naming the LoCoMo JSON file.
-LOCOMO_ENV = "SCORING_KIT_LOCOMO"
 
 #: LoCoMo's QA categories (as used by its evaluation code).
 CATEGORY_NAMES: Mapping[int, str] = {
@@ -87,7 +85,7 @@ def default_locomo_path() -> Path:
     repository root is the folder holding the ``scoring_kit`` package. When none exists the
     committed path is returned, so the error names it.
     """
-    env = os.environ.get(LOCOMO_ENV)
+    env = _settings.locomo_path()
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parents[2]

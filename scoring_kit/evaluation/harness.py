@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from .. import _settings
 from .._exceptions import ExportError, ScoringError, ScoringKitError, StoreError
 from .._files import atomic_write_bytes
 from .._types import PathLike
@@ -463,7 +463,7 @@ def _cli_scorer(args: Any) -> tuple[Scorer, Tokenizer | None]:
     with the tokenizer of ``--model-path`` (default: the embedded model's). Otherwise the
     embedded engine in-process (``--model-path``, ``--device``).
     """
-    server = getattr(args, "server", None) or os.environ.get("SCORING_KIT_SERVER")
+    server = getattr(args, "server", None) or _settings.server()
     model_path = getattr(args, "model_path", None)
     if server:
         from ..backends.auto import make_scorer
@@ -473,7 +473,7 @@ def _cli_scorer(args: Any) -> tuple[Scorer, Tokenizer | None]:
             server,
             backend=getattr(args, "backend", None) or "auto",
             model=getattr(args, "model", None),
-            api_key=getattr(args, "api_key", None) or os.environ.get("SCORING_KIT_API_KEY"),
+            api_key=getattr(args, "api_key", None) or _settings.api_key(),
             concurrency=int(getattr(args, "concurrency", None) or 4),
         )
         return scorer, load_tokenizer(model_path)

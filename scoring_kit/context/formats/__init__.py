@@ -136,9 +136,12 @@ def load_agent(
         return None
     tr = read_agent_file(p, reading, kind)
     if tokenizer is None:
-        from ...engine.loader import load_tokenizer
-
-        tokenizer = load_tokenizer()
+        msg = (
+            f"{kind} files are tokenized like plain messages and need a tokenizer: pass "
+            "tokenizer= (e.g. scoring_kit.engine.loader.load_tokenizer()), or load the file "
+            "with a session (sess.load(path))"
+        )
+        raise ContextError(msg, path=str(p))
     return context_from_transcript(tr, tokenizer)
 
 
