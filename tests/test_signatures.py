@@ -42,7 +42,8 @@ def test_sync_wrapper_has_its_async_twins_signature(
 
 def test_signatures_list_the_parameters_notebooks_use() -> None:
     assert list(inspect.signature(matrix.score_memories).parameters) == [
-        "ctx", "scorer", "keys", "checkpoint", "chunk_size", "priority", "progress", "on_row"]
+        "ctx", "scorer", "keys", "checkpoint", "chunk_size", "priority", "progress", "on_row",
+        "write_back"]
     params = inspect.signature(finetune.score_finetune_candidates).parameters
     assert params["threshold"].default == finetune.DEFAULT_THRESHOLD
     assert {"count", "trained", "alternates", "on_candidate"} <= set(params)
