@@ -88,7 +88,7 @@ def _add_server(p: argparse.ArgumentParser) -> None:
                    help="base URL of a scoring server (env SCORING_KIT_SERVER); without it the "
                         "embedded SmolLM2-135M-Instruct runs in a server this command starts")
     g.add_argument("--backend", default="auto",
-                   choices=["auto", "score", "vllm", "sglang", "local"],
+                   choices=["auto", "score", "vllm", "sglang", "echo", "local"],
                    help="protocol: the seed's /score, stock vLLM (/v1/completions "
                         "prompt_logprobs), SGLang (/generate), local (in-process); auto probes")
     g.add_argument("--model", default=None, help="model name sent to the server")

@@ -34,6 +34,7 @@ import httpx
 
 from .._exceptions import BackendError, BackendUnavailable
 from ._common import ProbeResult, display_url, normalise_url, probe, resolve_api_key
+from .echo import EchoScorer, echo_probe_body, is_echo_answer
 from .http import ScoreClient
 from .sglang import SGLangScorer
 from .vllm import VLLMScorer
@@ -53,7 +54,7 @@ __all__ = [
 logger = logging.getLogger("scoring_kit.backends.auto")
 
 #: Names accepted by :func:`make_scorer`.
-BACKENDS = ("auto", "score", "vllm", "sglang", "local")
+BACKENDS = ("auto", "score", "vllm", "sglang", "echo", "local")
 
 #: ``owned_by`` values (and probe names) of servers that cannot score prompt tokens.
 _UNSUPPORTED = {
@@ -266,6 +267,12 @@ async def detect_backend(
         sc = await score_probe(model)
         if _is_seed_score(sc):
             return found("score", "POST /score answers with scores[].total_logprob", model, mml)
+        echo = await probe(client, "POST", root + "/v1/completions", "/v1/completions",
+                           body=echo_probe_body(model))
+        probes.append(echo)
+        if is_echo_answer(echo.status, echo.body):
+            reason = "POST /v1/completions echoes the prompt's token_logprobs (echo + logprobs)"
+            return found("echo", reason, model, mml)
 
     lines = [redact(p.describe()) for p in probes]
     hint = ""
@@ -298,7 +305,7 @@ def _build(
     transport: httpx.AsyncBaseTransport | None,
 ) -> Scorer:
     name = model or detection.model
-    scorer: ScoreClient | VLLMScorer | SGLangScorer
+    scorer: ScoreClient | VLLMScorer | SGLangScorer | EchoScorer
     if detection.backend == "score":
         scorer = ScoreClient(
             base_url,
@@ -316,6 +323,9 @@ def _build(
             transport=transport,
             max_model_len=detection.max_model_len,
         )
+    elif detection.backend == "echo":
+        scorer = EchoScorer(base_url, model=name, api_key=api_key, concurrency=concurrency,
+                            transport=transport, max_model_len=detection.max_model_len)
     else:
         scorer = SGLangScorer(
             base_url,
