@@ -22,7 +22,7 @@ from scoring_kit.backends.base import CompletionRequest
 from scoring_kit.backends.echo import EchoScorer
 from scoring_kit.scoring.matrix import MemoryMatrix, score_memories
 
-pytestmark = pytest.mark.servers
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(1800)]
 
 #: The largest |difference| accepted between llama.cpp's and the embedded engine's span
 #: totals and divergences (nats), from the measurement in ``test_matrix_agrees_with_local``.
