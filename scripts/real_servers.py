@@ -45,7 +45,7 @@ READY_TIMEOUT = 900.0
 SERVED_NAME = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 8192
 #: Seconds the first llama-cpp-python build (C++ from source) may take before its tests skip.
-LLAMA_BUILD_TIMEOUT = 1500.0
+LLAMA_BUILD_TIMEOUT = 900.0
 #: vLLM's KV cache (1 GiB: ~22k tokens of SmolLM2-135M in float32).
 KV_CACHE_BYTES = 1 << 30
 
