@@ -1,13 +1,16 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - build .venv, start the embedded server, score the sample conversation
 #   make test   - build .venv, run ruff + mypy + pytest + the notebooks (nbmake)
+#   make test-servers - the backends against REAL servers (stock vLLM, llama-cpp-python):
+#                 their virtualenvs and the converted model are built once, outside the repo
+#                 (~/.cache/scoring_kit/servers), and reused while their recipes are unchanged
 # Also: make lab (JupyterLab on notebooks/), make bench (benchmarks/).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint lab bench clean
+.PHONY: demo test test-servers lint lab bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +28,15 @@ demo: $(STAMP)
 	$(PY) -m scoring_kit demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check scoring_kit tests benchmarks
+	$(VENV)/bin/ruff check scoring_kit tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest tests
 	$(VENV)/bin/pytest --nbmake --nbmake-timeout=900 notebooks
+
+test-servers: $(STAMP)
+	nice -n 10 $(PY) scripts/real_servers.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

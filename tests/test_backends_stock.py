@@ -50,25 +50,24 @@ from scoring_kit.backends.vllm import CostWarning, VLLMScorer, sum_prompt_logpro
 FIXTURES = Path(__file__).parent / "fixtures"
 URL = "http://127.0.0.1:9"
 
-#: The prompt the fixtures were recorded for (Llama-2 ids of "The quick brown fox jumps
-#: over the lazy dog.", BOS first).
-PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889]
+#: The prompt the fixtures were recorded for, by ``scripts/refresh_fixtures.py`` against a real
+#: vLLM (SmolLM2 ids of "<|im_start|>user\nThe quick brown fox jumps over the lazy dog.").
+PROMPT: list[int] = json.loads((FIXTURES / "fixture_prompt.json").read_text())["prompt"]
 #: Spans; the first starts at 2, so SGLang was asked with logprob_start_len = 1.
 RANGES = [(2, 5), (6, 13)]
-#: Per-position logprob of PROMPT[t] (t = 1..12), as recorded in both fixtures.
+_VLLM_MODELS = json.loads((FIXTURES / "vllm_models.json").read_text())["data"][0]
+#: The model card the real server sent.
+MODEL_ID: str = _VLLM_MODELS["id"]
+MAX_LEN: int = _VLLM_MODELS["max_model_len"]
+#: Per-position logprob of PROMPT[t] (t = 1..12), as recorded (both fixtures carry them).
 TOKEN_LP = {
-    1: -9.09375,
-    2: -8.4453125,
-    3: -0.947265625,
-    4: -0.0142822265625,
-    5: -0.000301361083984375,
-    6: -0.133056640625,
-    7: -0.00109100341796875,
-    8: -0.00759124755859375,
-    9: -0.0201416015625,
-    10: -0.03125,
-    11: -0.0018978118896484375,
-    12: -1.4208984375,
+    t: entry[str(PROMPT[t])]["logprob"]
+    for t, entry in enumerate(
+        json.loads((FIXTURES / "vllm_completions_prompt_logprobs.json").read_text())["choices"][
+            0
+        ]["prompt_logprobs"]
+    )
+    if t >= 1
 }
 EXPECTED = [sum(TOKEN_LP[t] for t in range(a, b)) for a, b in RANGES]
 
@@ -130,11 +129,11 @@ def test_vllm_fixture_sums() -> None:
     np.testing.assert_allclose(out, EXPECTED, rtol=0, atol=1e-12)
     assert out.dtype == np.float64
     # Model and context come from /v1/models; the body is the documented one.
-    assert scorer.model == "meta-llama/Llama-2-7b-hf" and scorer.max_model_len == 4096
+    assert scorer.model == MODEL_ID and scorer.max_model_len == MAX_LEN
     body = json.loads(seen[-1].content)
     assert str(seen[-1].url) == URL + "/v1/completions"
     assert body == {
-        "model": "meta-llama/Llama-2-7b-hf",
+        "model": MODEL_ID,
         "prompt": PROMPT,
         "max_tokens": 1,
         "temperature": 0,
@@ -144,10 +143,18 @@ def test_vllm_fixture_sums() -> None:
 
 
 def test_vllm_reads_the_prompt_token_not_the_top_one() -> None:
-    """Entries 1, 2 and 12 of the fixture also hold a higher-ranked token."""
+    """With ``prompt_logprobs: 0`` real vLLM 0.32 sends only the prompt token (with its rank,
+    often > 1); with ``k > 0`` the top-k come beside it. The reader takes the prompt token's
+    key whatever else the entry holds."""
     data = load("vllm_completions_prompt_logprobs.json")["choices"][0]["prompt_logprobs"]
-    assert len(data[12]) == 2
-    np.testing.assert_allclose(sum_prompt_logprobs(data, PROMPT, [(12, 13)]), [TOKEN_LP[12]])
+    for t in range(1, len(PROMPT)):
+        assert list(data[t]) == [str(PROMPT[t])] and data[t][str(PROMPT[t])]["rank"] >= 1
+    ranked_low = [t for t in range(1, len(PROMPT)) if data[t][str(PROMPT[t])]["rank"] > 1]
+    assert ranked_low
+    t = ranked_low[0]
+    with_top = copy.deepcopy(data)
+    with_top[t] = {"99": {"logprob": -0.01, "rank": 1, "decoded_token": "x"}, **with_top[t]}
+    np.testing.assert_allclose(sum_prompt_logprobs(with_top, PROMPT, [(t, t + 1)]), [TOKEN_LP[t]])
 
 
 def test_vllm_minus_9999_is_minus_inf() -> None:
@@ -161,7 +168,7 @@ def test_vllm_minus_9999_is_minus_inf() -> None:
     ("mutate", "match"),
     [
         (lambda pl: pl.pop(), "expected 13 prompt_logprobs entries"),
-        (lambda pl: pl.__setitem__(4, {"99": {"logprob": -1.0}}), "no entry for prompt token 1701"),
+        (lambda pl: pl.__setitem__(4, {"99": {"logprob": -1.0}}), f"no entry for prompt token {PROMPT[4]}"),
         (lambda pl: pl.__setitem__(4, None), "expected a map"),
         (lambda pl: pl[4][str(PROMPT[4])].__setitem__("logprob", None), "not a number"),
     ],
@@ -329,8 +336,8 @@ def test_vllm_and_sglang_fixtures_agree() -> None:
     ("mutate", "match"),
     [
         (lambda itl: itl.pop(), "expected 12 input_token_logprobs entries"),
-        (lambda itl: itl[3].__setitem__(1, 42), "is for token 42, but prompt\\[4\\] is 1701"),
-        (lambda itl: itl[0].__setitem__(1, 42), "is for token 42, but prompt\\[1\\] is 450"),
+        (lambda itl: itl[3].__setitem__(1, 42), f"is for token 42, but prompt\\[4\\] is {PROMPT[4]}"),
+        (lambda itl: itl[0].__setitem__(1, 42), f"is for token 42, but prompt\\[1\\] is {PROMPT[1]}"),
         (lambda itl: itl[3].__setitem__(0, None), "has logprob None"),
         (lambda itl: itl.__setitem__(3, "x"), "expected \\[logprob, token_id, text\\]"),
     ],
@@ -427,7 +434,7 @@ def vllm_routes(score: Any = None) -> dict[tuple[str, str], Any]:
 def test_detect_vllm() -> None:
     d = detect(vllm_routes())
     assert d.backend == "vllm" and "owned_by 'vllm'" in d.reason
-    assert d.model == "meta-llama/Llama-2-7b-hf" and d.max_model_len == 4096
+    assert d.model == MODEL_ID and d.max_model_len == MAX_LEN
     # vLLM's own /score must not pass for the seed protocol
     assert any("POST /score → 404" in p for p in d.probes)
 
@@ -523,9 +530,10 @@ def test_detect_nothing_recognised_names_every_probe() -> None:
         "GET /props → 404",
         "GET /api/tags → 404",
         "POST /score → 404",
+        "POST /v1/completions → 404",
     ):
         assert probe in text
-    assert "Not Found" in text and len(info.value.probes) == 8
+    assert "Not Found" in text and len(info.value.probes) == 9
 
 
 def test_detect_refused_connection_is_unavailable() -> None:
@@ -549,7 +557,7 @@ def test_make_scorer_builds_detected_backend() -> None:
     scorer = make_scorer(URL + "/v1", transport=transport, concurrency=2)
     assert isinstance(scorer, VLLMScorer) and isinstance(scorer, Scorer)
     assert scorer.name == "vllm" and scorer.concurrency == 2
-    assert scorer.model == "meta-llama/Llama-2-7b-hf" and scorer.max_model_len == 4096
+    assert scorer.model == MODEL_ID and scorer.max_model_len == MAX_LEN
     assert scorer.detection is not None and scorer.detection.backend == "vllm"
     explicit = make_scorer(URL, backend="sglang", transport=transport)
     assert isinstance(explicit, SGLangScorer) and explicit.detection is not None
@@ -596,13 +604,13 @@ def test_backend_errors_are_the_trees() -> None:
 
 
 def test_make_scorer_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="valid backends: auto, score, vllm, sglang, local"):
+    with pytest.raises(ValueError, match="valid backends: auto, score, vllm, sglang, echo, local"):
         make_scorer(URL, backend="tgi")
     with pytest.raises(ValueError, match="needs a base_url"):
         make_scorer(None, backend="vllm")
     with pytest.raises(ValueError, match="http://"):
         make_scorer("127.0.0.1:8000", backend="score")
-    assert BACKENDS == ("auto", "score", "vllm", "sglang", "local")
+    assert BACKENDS == ("auto", "score", "vllm", "sglang", "echo", "local")
 
 
 # --------------------------------------------------------------------------- real server

@@ -299,6 +299,12 @@ class HTTPBackend:
                     )
                     continue
                 gave_up = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
+                if status in (401, 403):
+                    gave_up += (
+                        " (the server refused the API key sent)" if self._api_key else
+                        " (the server wants an API key: pass api_key= or --api-key, or set "
+                        "$SCORING_KIT_API_KEY)"
+                    )
                 raise ScoringAPIError(
                     f"{what} HTTP {status}: {message}{gave_up}",
                     status_code=status,

@@ -100,6 +100,40 @@ async def probe(
     return ProbeResult(method, path, resp.status_code, data)
 
 
+#: A text prompt for the detection probe (text: every echo server takes it).
+ECHO_PROBE_PROMPT = "Hello, world"
+
+
+def echo_probe_body(model: str | None) -> dict[str, Any]:
+    """The body :func:`detect_backend` sends to tell an echo server."""
+    return {
+        "model": model,
+        "prompt": ECHO_PROBE_PROMPT,
+        "max_tokens": 1,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 0,
+        "stream": False,
+    }
+
+
+def is_echo_answer(status: int | None, body: Any) -> bool:
+    """HTTP 200 whose ``choices[0].logprobs.token_logprobs`` starts ``[null, <number>, ...]``."""
+    if status != 200 or not isinstance(body, Mapping):
+        return False
+    try:
+        values = body["choices"][0]["logprobs"]["token_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return False
+    return (
+        isinstance(values, list)
+        and len(values) >= 2
+        and values[0] is None
+        and isinstance(values[1], int | float)
+        and not isinstance(values[1], bool)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Detection:
     """What :func:`detect_backend` found.
@@ -286,6 +320,12 @@ async def detect_backend(
         sc = await score_probe(model)
         if _is_seed_score(sc):
             return found("score", "POST /score answers with scores[].total_logprob", model, mml)
+        echo = await probe(client, "POST", root + "/v1/completions", "/v1/completions",
+                           body=echo_probe_body(model))
+        probes.append(echo)
+        if is_echo_answer(echo.status, echo.body):
+            reason = "POST /v1/completions echoes the prompt's token_logprobs (echo + logprobs)"
+            return found("echo", reason, model, mml)
 
     lines = [redact(p.describe()) for p in probes]
     hint = ""

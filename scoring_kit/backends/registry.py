@@ -37,6 +37,7 @@ REGISTRY: Final[Mapping[str, str]] = MappingProxyType(
         "score": "scoring_kit.backends.http:ScoreClient",
         "vllm": "scoring_kit.backends.vllm:VLLMScorer",
         "sglang": "scoring_kit.backends.sglang:SGLangScorer",
+        "echo": "scoring_kit.backends.echo:EchoScorer",
         "local": "scoring_kit.backends.local:LocalScorer",
     }
 )
