@@ -364,10 +364,10 @@ def test_backend_choices_come_from_the_registry(monkeypatch: pytest.MonkeyPatch)
         act = next(a for a in sub.choices["score"]._actions if "--backend" in a.option_strings)
         return list(act.choices or [])
 
-    assert choices() == ["auto", "score", "vllm", "sglang", "local"]
-    extended = types.MappingProxyType({**registry.REGISTRY, "echo": "tests.fake:Echo"})
+    assert choices() == ["auto", "score", "vllm", "sglang", "echo", "local"]
+    extended = types.MappingProxyType({**registry.REGISTRY, "other": "tests.fake:Other"})
     monkeypatch.setattr(registry, "REGISTRY", extended)
-    assert choices()[-1] == "echo"
+    assert choices()[-1] == "other"
     # open_session shows Session's parameters (not **kwargs)
     assert inspect.signature(open_session).parameters.keys() == \
         inspect.signature(Session).parameters.keys()
