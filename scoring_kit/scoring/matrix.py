@@ -63,6 +63,10 @@ class MemoryMatrix:
         True when the values are not exact leave-one-out totals.
     meta
         Free-form run facts: model, backend, prompt hash, token spend, timings.
+    memory_texts
+        Text of each memory, aligned with ``keys`` (empty: not recorded).
+    response_texts
+        Text of each response, aligned with ``entries`` (empty: not recorded).
     """
 
     keys: list[str]
@@ -73,6 +77,8 @@ class MemoryMatrix:
     method: str = "loo"
     approximate: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    memory_texts: tuple[str, ...] = ()
+    response_texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n, m = len(self.keys), len(self.entries)
@@ -210,6 +216,8 @@ class MemoryMatrix:
             "method": self.method,
             "approximate": self.approximate,
             "meta": self.meta,
+            "memory_texts": list(self.memory_texts),
+            "response_texts": list(self.response_texts),
         }
 
     def to_npz_bytes(self) -> bytes:
@@ -233,6 +241,15 @@ class MemoryMatrix:
         elif p.suffix == ".parquet":
             buf = io.BytesIO()
             frame = self.to_frame()
+            n, m = self.shape
+            if len(self.memory_texts) == n and len(self.response_texts) == m:
+                import polars as pl
+
+                frame = frame.with_columns(
+                    pl.Series("memory_text", [t for t in self.memory_texts for _ in range(m)],
+                              dtype=pl.String),
+                    pl.Series("response_text", list(self.response_texts) * n, dtype=pl.String),
+                )
             meta = orjson.dumps({**self._header(), "baseline": self.baseline.tolist(),
                                  "entries": self.entries.tolist()}, default=str)
             frame.write_parquet(buf, metadata={"scoring_kit.matrix": meta.decode()})
@@ -259,6 +276,8 @@ class MemoryMatrix:
                         method=header.get("method", "loo"),
                         approximate=bool(header.get("approximate", False)),
                         meta=dict(header.get("meta", {})),
+                        memory_texts=tuple(header.get("memory_texts", ())),
+                        response_texts=tuple(header.get("response_texts", ())),
                     )
             if p.suffix == ".parquet":
                 import polars as pl
@@ -279,6 +298,8 @@ class MemoryMatrix:
                     method=header.get("method", "loo"),
                     approximate=bool(header.get("approximate", False)),
                     meta=dict(header.get("meta", {})),
+                    memory_texts=tuple(header.get("memory_texts", ())),
+                    response_texts=tuple(header.get("response_texts", ())),
                 )
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, ExportError):
@@ -376,6 +397,8 @@ async def ascore_memories(
         result = MemoryMatrix(
             keys=list(mem_keys),
             entries=np.asarray(base_wp.entries, dtype=np.int64),
+            memory_texts=tuple(ctx.memory_text(k) for k in mem_keys),
+            response_texts=tuple(_entry_text(ctx, e) for e in base_wp.entries),
             baseline=baseline,
             without=np.full((len(mem_keys), m), np.nan),
             errors=[None] * len(mem_keys),
@@ -406,7 +429,7 @@ async def ascore_memories(
                 k = mem_keys[i]
                 wp = ctx.wire_prompt(skip=skip_key(k))
                 reqs.append(wp.request(priority=priority))
-            outs = await scorer.score_batch(reqs)
+            outs = await _with_ticking(scorer.score_batch(reqs), bar)
             for i, out in zip(chunk, outs[len(lead) :], strict=True):
                 k = mem_keys[i]
                 if isinstance(out, BaseException):
@@ -426,8 +449,8 @@ async def ascore_memories(
                     row = None if result.errors[i] else result.divergence[i]
                     on_row(k, row, result.errors[i])
                 if bar is not None:
+                    bar.set_postfix_str(k[:24], refresh=False)
                     bar.update(1)
-                    bar.set_postfix_str(k[:24])
             if ckpt is not None:
                 result.save(ckpt)
     finally:
@@ -438,6 +461,14 @@ async def ascore_memories(
     if stats is not None:
         result.meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
     return result
+
+
+def _entry_text(ctx: ContextState, entry: int) -> str:
+    """The text of conversation entry ``entry`` (a branch: its rendered children)."""
+    from ..context.model import render_branch_text
+
+    node = ctx.conversation[entry]
+    return render_branch_text(node.children) if node.is_branch else (node.text or "")
 
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
@@ -457,7 +488,22 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=False)
+    # leave=True: the finished bar (total, elapsed) stays in the notebook as a record.
+    return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=True)
+
+
+async def _with_ticking(aw: Any, bar: Any) -> Any:
+    """Await ``aw``, redrawing ``bar`` twice a second meanwhile so its elapsed time moves
+    while a batch is in flight (its count moves as each memory's call completes)."""
+    import asyncio
+
+    if bar is None:
+        return await aw
+    task = asyncio.ensure_future(aw)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        bar.refresh()
+    return task.result()
 
 
 def score_memories(
