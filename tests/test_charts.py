@@ -269,14 +269,26 @@ def test_interactive_heatmap_links_a_bar_chart(matrix: MemoryMatrix, ctx: Contex
     spec = heatmap(matrix, ctx, interactive=True).to_dict()
     top, bars = spec["vconcat"]
     # Altair lifts a view's selection to the top level and names the view it belongs to
-    (sel,) = spec["params"]
-    assert sel["name"] == "response"
+    sels = {p["name"]: p for p in spec["params"]}
+    assert set(sels) == {"response", "memory"}
+    sel = sels["response"]
     assert sel["views"] == [top["layer"][0]["name"]]
     assert sel["select"]["type"] == "point" and sel["select"]["fields"] == ["entry_index"]
-    # starts on the response that depends on memories most (entry 6: 0.5 + 2.0)
-    assert sel["value"] == [{"entry_index": 6}]
-    assert {"filter": {"param": "response"}} in bars["transform"]
-    assert bars["mark"]["type"] == "bar"
+    assert sels["memory"]["select"]["fields"] == ["memory_key"]
+    # nothing selected at first: every cell at full opacity
+    assert "value" not in sel
+    (cond,) = top["layer"][0]["encoding"]["opacity"]["condition"]
+    assert cond["value"] == 1.0 and cond.get("empty", True) is True
+    leaned, nothing = bars["layer"]
+    assert {"filter": {"param": "response"}} in leaned["transform"]
+    assert leaned["mark"]["type"] == "bar"
+    # a fixed x domain and no stack: an empty selection cannot give an infinite extent
+    assert leaned["encoding"]["x"]["scale"]["domain"] == [0, 2.0]
+    assert leaned["encoding"]["x"]["stack"] is None
+    # a response that leaned on nothing is said so in words
+    assert nothing["mark"]["type"] == "text"
+    assert {"filter": "datum.hits === 0"} in nothing["transform"]
+    assert "leaned on no memory" in nothing["encoding"]["text"]["value"]
 
 
 def test_charts_are_new_objects_and_pure(matrix: MemoryMatrix, ctx: ContextState) -> None:
