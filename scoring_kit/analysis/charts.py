@@ -283,7 +283,7 @@ def heatmap(
             bar_rank="row_number()", sort=[alt.SortField("divergence", order="descending")]
         )
         .transform_filter(f"datum.bar_rank <= {max(bar_top, 1)}")
-        .mark_bar(color=_ACCENT)
+        .mark_bar(color=_ACCENT, size=14)
         .encode(
             # a fixed domain and no stack: an empty selection draws no "Infinite extent"
             x=alt.X("divergence:Q", title="max divergence over the selected response(s)",

@@ -445,15 +445,15 @@ class Table:
     def _repr_html_(self) -> str:
         import html
 
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.frame.columns)
+        # inline styles: a notebook's own table rules (right-aligned cells) come later
+        style = ("style='text-align:left;vertical-align:top;white-space:pre-wrap;"
+                 "max-width:38em;padding:3px 8px'")
+        head = "".join(f"<th {style}>{html.escape(c)}</th>" for c in self.frame.columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{self._cell(v)}</td>" for v in row) + "</tr>"
+            "<tr>" + "".join(f"<td {style}>{self._cell(v)}</td>" for v in row) + "</tr>"
             for row in self.frame.iter_rows()
         )
-        style = ("text-align:left;vertical-align:top;white-space:pre-wrap;"
-                 "max-width:38em;padding:3px 8px")
         return (
-            f"<style>.sk-table td,.sk-table th{{{style}}}</style>"
             f"<table class='sk-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             f"</table><p style='color:#666'>{self.frame.height} rows</p>"
         )

@@ -165,6 +165,7 @@ class HeatmapExplorer:
         alt.JupyterChart.enable_offline()
         self.matrix = matrix
         self.ctx = ctx
+        self._heatmap_kwargs = dict(heatmap_kwargs)
         spec = heatmap(matrix, ctx, interactive=True, **heatmap_kwargs)
         self.chart = alt.JupyterChart(spec, embed_options={"renderer": "svg", "actions": False})
         self.table = widgets.Output(layout=widgets.Layout(min_width="320px", max_width="560px",
@@ -203,7 +204,15 @@ class HeatmapExplorer:
             display(HTML(self.table_html()))
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The widget, plus a static fallback (the chart and the table as HTML) for
+        viewers without the widget's state, such as ``nbconvert --to html``."""
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        static = heatmap(self.matrix, self.ctx, interactive=True, **self._heatmap_kwargs)
+        bundle["text/html"] = (
+            "<div style='display:flex;gap:12px;align-items:flex-start'><div>"
+            f"{chart_html(static.to_dict())}</div><div>{self.table_html()}</div></div>"
+        )
+        return bundle
 
 
 def heatmap_explorer(
@@ -227,9 +236,9 @@ def _leaned_on_html(
 ) -> str:
     mem_texts, resp_texts = _texts(matrix, ctx)
     esc = html.escape
-    style = ("<style>.sk-leaned td,.sk-leaned th{text-align:left;vertical-align:top;"
-             "padding:2px 6px;white-space:normal}.sk-leaned .sk-hit{background:#fdebd0}"
-             "</style>")
+    # inline styles: Lab's own table rules (right-aligned cells) come later in the page
+    cell = "style='text-align:left;vertical-align:top;padding:2px 6px;white-space:normal'"
+    style = ""
     if not entries:
         return (f"{style}<div class='sk-leaned'><b>No response selected.</b> "
                 "Click a column of the heatmap to list the memories that response leaned on."
@@ -251,11 +260,14 @@ def _leaned_on_html(
                          "did not lower its log-probability.</i></p>")
             continue
         rows = "".join(
-            f"<tr class='{'sk-hit' if matrix.keys[i] in memories else ''}'>"
-            f"<td>{col[i]:.4g}</td><td>{esc(matrix.keys[i])}</td><td>{esc(mem_texts[i])}</td></tr>"
+            "<tr" + (" style='background:#fdebd0'" if matrix.keys[i] in memories else "") + ">"
+            f"<td {cell}>{col[i]:.4g}</td><td {cell}>{esc(matrix.keys[i])}</td>"
+            f"<td {cell}>{esc(mem_texts[i])}</td></tr>"
             for i in order
         )
-        parts.append("<table><thead><tr><th>divergence</th><th>memory</th><th>memory text</th>"
-                     f"</tr></thead><tbody>{rows}</tbody></table>")
+        parts.append(
+            f"<table><thead><tr><th {cell}>divergence</th><th {cell}>memory</th>"
+            f"<th {cell}>memory text</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
     parts.append("</div>")
     return "".join(parts)
