@@ -131,6 +131,31 @@ def test_html_heatmap_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert len(rects) >= 3
 
 
+def test_two_notebook_charts_render_on_one_page(tmp_path: Path) -> None:
+    """The renderer's fragments share a page (Altair's inline template fails the second
+    with ``Identifier '…' has already been declared``)."""
+    browser = _chromium()
+    from scoring_kit.analysis import chart_html, memory_weights_chart
+
+    matrix, ctx = _inputs()
+    parts = [chart_html(heatmap(matrix, ctx, interactive=True).to_dict()),
+             chart_html(memory_weights_chart(matrix, ctx).to_dict())]
+    page = tmp_path / "two.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                    + "".join(parts) + f'<script>console.log("{PROBE}")</script></body></html>')
+    cmd = [browser, *CHROMIUM_ARGS, f"--user-data-dir={tmp_path / 'profile'}",
+           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+           page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert any(PROBE in line for line in console), proc.stderr[-2000:]
+    bad = [line for line in console if PROBE not in line]
+    assert not bad, "\n".join(bad)
+    charts = re.findall(r'<div id="sk-vis-[0-9a-f]+" class="scoring-kit-chart[^"]*"[^>]*>'
+                        r'(.*?)</div>\s*<script', proc.stdout, re.DOTALL)
+    assert len(charts) == 2 and all('class="marks"' in c for c in charts), proc.stdout[-1500:]
+
+
 # ── notebooks in JupyterLab ───────────────────────────────────────
 
 

@@ -443,3 +443,88 @@ def test_theme_registered_on_first_call_and_user_theme_kept(
         assert spec["config"]["font"].startswith("Inter")
     finally:
         alt.theme.enable(before)
+
+
+# ── texts carried by the matrix, notebook helpers ────────────────
+
+
+def _with_texts(matrix: MemoryMatrix) -> MemoryMatrix:
+    matrix.memory_texts = ("I am the assistant.", "Alice has two cats.", "Carol lives in Oslo.",
+                           "Bob turned 40 in May.")
+    matrix.response_texts = ("Mia and Leo.", "In Oslo. " + "Long text, " * 10, "He is 40.")
+    return matrix
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_matrix_texts_survive_saving(matrix: MemoryMatrix, tmp_path: Path, suffix: str) -> None:
+    m = _with_texts(matrix)
+    back = MemoryMatrix.load(m.save(tmp_path / f"m{suffix}"))
+    assert back.memory_texts == m.memory_texts and back.response_texts == m.response_texts
+    if suffix == ".parquet":
+        cols = pl.read_parquet(tmp_path / "m.parquet").select("memory_text", "response_text")
+        assert cols.row(0) == ("I am the assistant.", "Mia and Leo.")
+
+
+def test_frames_read_texts_from_the_matrix_without_ctx(matrix: MemoryMatrix) -> None:
+    m = _with_texts(matrix)
+    assert top_memories(m, 2)["memory_text"].to_list() == ["Alice has two cats.",
+                                                           "Carol lives in Oslo."]
+    per = top_memories_per_response(m, 1)
+    assert per.row(0, named=True)["memory_text"] == "Alice has two cats."
+    # full text by default: not cut to a snippet
+    long = per.filter(pl.col("entry_index") == 6)["response_text"][0]
+    assert long.startswith("In Oslo.") and len(long) > 100 and not long.endswith("…")
+    assert set(matrix_frame(m)["memory_text"]) >= {"Bob turned 40 in May."}
+
+
+def test_table_shows_every_row_and_full_text() -> None:
+    from scoring_kit.analysis import table
+
+    text = "word " * 40 + "<end>"
+    frame = pl.DataFrame({"i": list(range(30)), "text": [text] * 30})
+    html = table(frame)._repr_html_()
+    assert html.count("<tr>") == 31  # header + every row
+    assert "&lt;end&gt;" in html and "…" not in html
+    assert "white-space:pre-wrap" in html
+
+
+def test_explorer_table_says_when_a_response_leaned_on_nothing(matrix: MemoryMatrix) -> None:
+    from scoring_kit.analysis.notebook import _leaned_on_html
+
+    m = _with_texts(matrix)
+    assert "No response selected" in _leaned_on_html(m, [], [], None)
+    html = _leaned_on_html(m, [3], ["cats"], None)
+    assert "Response 3" in html and "Mia and Leo." in html
+    assert html.index("cats") < html.index("self")  # 2.0 before 0.1
+    assert "Alice has two cats." in html and "background:#fdebd0" in html
+    assert "leaned on no memory" in _leaned_on_html(m, [8], [], None)
+
+
+def test_finetune_histogram_draws_the_threshold_on_its_axis() -> None:
+    spec = finetune_histogram([0.5, 1.0, 2.0], 1e-3).to_dict()
+    bars = spec["layer"][0]
+    lo, hi = bars["encoding"]["x"]["scale"]["domain"]
+    assert lo < 1e-3 < hi  # every response is above the threshold, the rule still shows
+    y = bars["encoding"]["y"]
+    assert y["axis"]["format"] == "d" and y["axis"]["tickMinStep"] == 1
+
+
+def test_enable_notebook_renders_offline_html() -> None:
+    import altair as alt
+
+    from scoring_kit.analysis import RENDERER, chart_html, enable_notebook
+
+    before = alt.renderers.active
+    try:
+        enable_notebook(quiet=False)
+        assert alt.renderers.active == RENDERER
+        one = MemoryMatrix(["a"], np.array([1]), np.array([-1.0]), np.array([[-2.0]]), [None])
+        bundle = memory_weights_chart(one)._repr_mimebundle_()
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        html = data["text/html"]
+    finally:
+        alt.renderers.enable(before)
+    assert not re.search(r"<script[^>]*\bsrc=", html) and "cdn" not in html.lower()
+    assert "window.vegaEmbed" in html
+    spec = {"$schema": "x", "data": {"values": [{"t": "</script><b>"}]}, "mark": "point"}
+    assert "</script><b>" not in chart_html(spec)
