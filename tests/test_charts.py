@@ -528,3 +528,36 @@ def test_enable_notebook_renders_offline_html() -> None:
     assert "window.vegaEmbed" in html
     spec = {"$schema": "x", "data": {"values": [{"t": "</script><b>"}]}, "mark": "point"}
     assert "</script><b>" not in chart_html(spec)
+
+
+# ── progress ─────────────────────────────────────────────────────
+
+
+class _FakeScorer:
+    name = "fake"
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+
+    async def score(self, request: Any) -> np.ndarray:
+        return -np.arange(1, self.m + 1, dtype=np.float64) - len(request.prompt) * 0.0
+
+    async def score_batch(self, requests: Any) -> list[np.ndarray]:
+        return [await self.score(r) - 0.5 * i for i, r in enumerate(requests)]
+
+
+def test_matrix_progress_bar_stays_with_total(ctx: ContextState,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from scoring_kit.scoring import score_memories
+
+    m = len(ctx.wire_prompt().entries)
+    result = score_memories(ctx, _FakeScorer(m), chunk_size=2)
+    err = capsys.readouterr().err
+    n = len(ctx.memory_keys())
+    # the last redraw is kept (leave=True): the total and the elapsed time stay visible
+    assert f"{n}/{n}" in err.splitlines()[-1] and "scoring memories" in err
+    assert re.search(r"\d\d:\d\d<", err.splitlines()[-1])
+    # one redraw per completed chunk at least (the count moved before the end)
+    assert "2/4" in err or f"2/{n}" in err
+    assert result.memory_texts == tuple(ctx.memory_text(k) for k in result.keys)
+    assert result.response_texts[0] == "Mia and Leo."
