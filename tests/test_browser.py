@@ -336,6 +336,9 @@ def test_executed_notebook_charts_render_in_lab(browser_session: dict[str, Any],
                                                 name: str) -> None:
     page, watch = _open(browser_session, name)
     want = NOTEBOOK_CHARTS[name]
+    # widgets (progress bars, the explorer) are restored from the notebook's saved widget
+    # state once Lab's widget manager has its kernel
+    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=180_000)
     page.wait_for_function(
         f"""() => document.querySelectorAll(
                 '.jp-OutputArea-output svg.marks, .jp-OutputArea-output canvas').length >= {want}""",
@@ -373,7 +376,7 @@ def test_heatmap_click_drives_the_linked_table(browser_session: dict[str, Any]) 
     nbformat.write(nb, browser_session["root"] / "explore.ipynb")
     page, watch = _open(browser_session, "explore.ipynb")
     # run the cell once the kernel is connected (Lab drops a run sent before that)
-    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
+    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=180_000)
     page.locator(".jp-Cell .cm-content").first.click()
     page.keyboard.press("Shift+Enter")
     table = page.locator(".sk-leaned").first

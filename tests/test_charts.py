@@ -561,3 +561,18 @@ def test_matrix_progress_bar_stays_with_total(ctx: ContextState,
     assert "2/4" in err or f"2/{n}" in err
     assert result.memory_texts == tuple(ctx.memory_text(k) for k in result.keys)
     assert result.response_texts[0] == "Mia and Leo."
+
+
+def test_quiet_hides_library_noise_not_the_kits_warnings() -> None:
+    import warnings
+
+    from scoring_kit._exceptions import CostWarning
+    from scoring_kit.analysis.notebook import _quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _quiet_libraries()
+        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("vLLM scores every prompt token", CostWarning, stacklevel=1)
+    assert [type(w.message) for w in caught] == [CostWarning]
