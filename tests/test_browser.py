@@ -257,7 +257,8 @@ def _lab(root: Path, home: Path, env: dict[str, str]) -> Iterator[str]:
                 log.flush()
                 pytest.fail(f"JupyterLab did not start:\n{(home / 'lab.log').read_text()[-3000:]}")
             time.sleep(0.2)  # polling a port, not synchronising on a guess
-        yield f"{url}/lab/tree/{{}}?token={token}"
+        # ?reset: a fresh workspace per page (not the tabs an earlier page left open)
+        yield f"{url}/lab/tree/{{}}?reset&token={token}"
     finally:
         proc.terminate()
         try:
@@ -327,7 +328,7 @@ def _open(session: dict[str, Any], name: str) -> tuple[Any, _Watch]:
     page = session["browser"].new_page(viewport={"width": 1500, "height": 1000})
     watch = _Watch(page)
     page.goto(session["url"].format(name))
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=60_000)
     return page, watch
 
 
@@ -429,6 +430,12 @@ def test_nbconvert_html_export_renders_offline(browser_session: dict[str, Any],
     )
     views = _chart_views(page)
     assert len(views) >= 3 and all(views), views
-    assert not watch.errors, watch.errors
-    assert not watch.outside, watch.outside
+    # nbconvert's own template (not a chart) asks cdnjs for require.js and MathJax; they
+    # were blocked, the charts drew without them, and nothing else left the machine.
+    template = [u for u in watch.outside if re.match(
+        r"https://cdnjs\.cloudflare\.com/ajax/libs/(require\.js|mathjax)/", u)]
+    assert watch.outside == template and len(template) <= 2, watch.outside
+    failed = [e for e in watch.errors if "Failed to load resource: net::ERR_FAILED" in e]
+    assert len(failed) == len(template)
+    assert [e for e in watch.errors if e not in failed] == [], watch.errors
     page.close()
