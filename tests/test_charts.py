@@ -268,14 +268,26 @@ def test_interactive_heatmap_links_a_bar_chart(matrix: MemoryMatrix, ctx: Contex
     spec = heatmap(matrix, ctx, interactive=True).to_dict()
     top, bars = spec["vconcat"]
     # Altair lifts a view's selection to the top level and names the view it belongs to
-    (sel,) = spec["params"]
-    assert sel["name"] == "response"
+    sels = {p["name"]: p for p in spec["params"]}
+    assert set(sels) == {"response", "memory"}
+    sel = sels["response"]
     assert sel["views"] == [top["layer"][0]["name"]]
     assert sel["select"]["type"] == "point" and sel["select"]["fields"] == ["entry_index"]
-    # starts on the response that depends on memories most (entry 6: 0.5 + 2.0)
-    assert sel["value"] == [{"entry_index": 6}]
-    assert {"filter": {"param": "response"}} in bars["transform"]
-    assert bars["mark"]["type"] == "bar"
+    assert sels["memory"]["select"]["fields"] == ["memory_key"]
+    # nothing selected at first: every cell at full opacity
+    assert "value" not in sel
+    (cond,) = top["layer"][0]["encoding"]["opacity"]["condition"]
+    assert cond["value"] == 1.0 and cond.get("empty", True) is True
+    leaned, nothing = bars["layer"]
+    assert {"filter": {"param": "response"}} in leaned["transform"]
+    assert leaned["mark"]["type"] == "bar"
+    # a fixed x domain and no stack: an empty selection cannot give an infinite extent
+    assert leaned["encoding"]["x"]["scale"]["domain"] == [0, 2.0]
+    assert leaned["encoding"]["x"]["stack"] is None
+    # a response that leaned on nothing is said so in words
+    assert nothing["mark"]["type"] == "text"
+    assert {"filter": "datum.hits === 0"} in nothing["transform"]
+    assert "leaned on no memory" in nothing["encoding"]["text"]["value"]
 
 
 def test_charts_are_new_objects_and_pure(matrix: MemoryMatrix, ctx: ContextState) -> None:
@@ -430,3 +442,136 @@ def test_theme_registered_on_first_call_and_user_theme_kept(
         assert spec["config"]["font"].startswith("Inter")
     finally:
         alt.theme.enable(before)
+
+
+# ── texts carried by the matrix, notebook helpers ────────────────
+
+
+def _with_texts(matrix: MemoryMatrix) -> MemoryMatrix:
+    matrix.memory_texts = ("I am the assistant.", "Alice has two cats.", "Carol lives in Oslo.",
+                           "Bob turned 40 in May.")
+    matrix.response_texts = ("Mia and Leo.", "In Oslo. " + "Long text, " * 10, "He is 40.")
+    return matrix
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_matrix_texts_survive_saving(matrix: MemoryMatrix, tmp_path: Path, suffix: str) -> None:
+    m = _with_texts(matrix)
+    back = MemoryMatrix.load(m.save(tmp_path / f"m{suffix}"))
+    assert back.memory_texts == m.memory_texts and back.response_texts == m.response_texts
+    if suffix == ".parquet":
+        cols = pl.read_parquet(tmp_path / "m.parquet").select("memory_text", "response_text")
+        assert cols.row(0) == ("I am the assistant.", "Mia and Leo.")
+
+
+def test_frames_read_texts_from_the_matrix_without_ctx(matrix: MemoryMatrix) -> None:
+    m = _with_texts(matrix)
+    assert top_memories(m, 2)["memory_text"].to_list() == ["Alice has two cats.",
+                                                           "Carol lives in Oslo."]
+    per = top_memories_per_response(m, 1)
+    assert per.row(0, named=True)["memory_text"] == "Alice has two cats."
+    # full text by default: not cut to a snippet
+    long = per.filter(pl.col("entry_index") == 6)["response_text"][0]
+    assert long.startswith("In Oslo.") and len(long) > 100 and not long.endswith("…")
+    assert set(matrix_frame(m)["memory_text"]) >= {"Bob turned 40 in May."}
+
+
+def test_table_shows_every_row_and_full_text() -> None:
+    from scoring_kit.analysis import table
+
+    text = "word " * 40 + "<end>"
+    frame = pl.DataFrame({"i": list(range(30)), "text": [text] * 30})
+    html = table(frame)._repr_html_()
+    assert html.count("<tr>") == 31  # header + every row
+    assert "&lt;end&gt;" in html and "…" not in html
+    assert "white-space:pre-wrap" in html
+
+
+def test_explorer_table_says_when_a_response_leaned_on_nothing(matrix: MemoryMatrix) -> None:
+    from scoring_kit.analysis.notebook import _leaned_on_html
+
+    m = _with_texts(matrix)
+    assert "No response selected" in _leaned_on_html(m, [], [], None)
+    html = _leaned_on_html(m, [3], ["cats"], None)
+    assert "Response 3" in html and "Mia and Leo." in html
+    assert html.index("cats") < html.index("self")  # 2.0 before 0.1
+    assert "Alice has two cats." in html and "background:#fdebd0" in html
+    assert "leaned on no memory" in _leaned_on_html(m, [8], [], None)
+
+
+def test_finetune_histogram_draws_the_threshold_on_its_axis() -> None:
+    spec = finetune_histogram([0.5, 1.0, 2.0], 1e-3).to_dict()
+    bars = spec["layer"][0]
+    lo, hi = bars["encoding"]["x"]["scale"]["domain"]
+    assert lo < 1e-3 < hi  # every response is above the threshold, the rule still shows
+    y = bars["encoding"]["y"]
+    assert y["axis"]["format"] == "d" and y["axis"]["tickMinStep"] == 1
+
+
+def test_enable_notebook_renders_offline_html() -> None:
+    import altair as alt
+
+    from scoring_kit.analysis import RENDERER, chart_html, enable_notebook
+
+    before = alt.renderers.active
+    try:
+        enable_notebook(quiet=False)
+        assert alt.renderers.active == RENDERER
+        one = MemoryMatrix(["a"], np.array([1]), np.array([-1.0]), np.array([[-2.0]]), [None])
+        bundle = memory_weights_chart(one)._repr_mimebundle_()
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        html = data["text/html"]
+    finally:
+        alt.renderers.enable(before)
+    assert not re.search(r"<script[^>]*\bsrc=", html) and "cdn" not in html.lower()
+    assert "window.vegaEmbed" in html
+    spec = {"$schema": "x", "data": {"values": [{"t": "</script><b>"}]}, "mark": "point"}
+    assert "</script><b>" not in chart_html(spec)
+
+
+# ── progress ─────────────────────────────────────────────────────
+
+
+class _FakeScorer:
+    name = "fake"
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+
+    async def score(self, request: Any) -> np.ndarray:
+        return -np.arange(1, self.m + 1, dtype=np.float64) - len(request.prompt) * 0.0
+
+    async def score_batch(self, requests: Any) -> list[np.ndarray]:
+        return [await self.score(r) - 0.5 * i for i, r in enumerate(requests)]
+
+
+def test_matrix_progress_bar_stays_with_total(ctx: ContextState,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from scoring_kit.scoring import score_memories
+
+    m = len(ctx.wire_prompt().entries)
+    result = score_memories(ctx, _FakeScorer(m), chunk_size=2)
+    err = capsys.readouterr().err
+    n = len(ctx.memory_keys())
+    # the last redraw is kept (leave=True): the total and the elapsed time stay visible
+    assert f"{n}/{n}" in err.splitlines()[-1] and "scoring memories" in err
+    assert re.search(r"\d\d:\d\d<", err.splitlines()[-1])
+    # one redraw per completed chunk at least (the count moved before the end)
+    assert "2/4" in err or f"2/{n}" in err
+    assert result.memory_texts == tuple(ctx.memory_text(k) for k in result.keys)
+    assert result.response_texts[0] == "Mia and Leo."
+
+
+def test_quiet_hides_library_noise_not_the_kits_warnings() -> None:
+    import warnings
+
+    from scoring_kit._exceptions import CostWarning
+    from scoring_kit.analysis.notebook import _quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _quiet_libraries()
+        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("vLLM scores every prompt token", CostWarning, stacklevel=1)
+    assert [type(w.message) for w in caught] == [CostWarning]

@@ -193,15 +193,21 @@ def heatmap(
         .to_list()
     )
     binned = red.responses_per_bin > 1
-    w = width if width is not None else _clamp(red.response_bins * 14, 240, 900)
-    h = height if height is not None else _clamp(len(keys) * 16, 60, 960)
+    # Cells big enough to read and click: up to 34 × 26 px on small matrices, shrinking to
+    # fit ~1100 × 900 px; past that (≥ 200 columns) the output scrolls sideways.
+    step_x = _clamp(1100 // max(red.response_bins, 1), 6, 34)
+    step_y = _clamp(900 // max(len(keys), 1), 12, 26)
+    w = width if width is not None else max(red.response_bins * step_x, 120)
+    h = height if height is not None else max(len(keys) * step_y, 40)
     subtitle = [s for s in (red.summary(), "grey: ablation failed" if
                             frame.filter(pl.col("status") == "failed").height else "") if s]
     x_title = "response (first conversation index of bin)" if binned else (
         "response (conversation index)")
     data = _data(frame)
-    x = alt.X("entry_index:O", title=x_title, axis=alt.Axis(labelOverlap=True, labelAngle=0))
-    y = alt.Y("memory_key:N", sort=keys, title="memory (heaviest first)")
+    x = alt.X("entry_index:O", title=x_title,
+              axis=alt.Axis(labelOverlap=True, labelAngle=0, labelFontSize=12))
+    y = alt.Y("memory_key:N", sort=keys, title="memory (heaviest first)",
+              axis=alt.Axis(labelFontSize=12, labelLimit=220))
     base = alt.Chart().encode(x=x, y=y)
     tips = [
         alt.Tooltip("memory_key:N", title="memory"),
@@ -249,27 +255,23 @@ def heatmap(
             width=w, height=h, title=chart_title
         )
 
-    start = response_frame(matrix).sort("response_score", descending=True, nulls_last=True)
-    first_entry = int(start["entry_index"][0]) if start.height else None
-    if binned and first_entry is not None:
-        # the bin that holds that response
-        hit = frame.filter(
-            (pl.col("entry_index") <= first_entry) & (pl.col("entry_last") >= first_entry)
-        )
-        first_entry = int(hit["entry_index"][0]) if hit.height else None
     sel = alt.selection_point(
-        name="response",
-        fields=["entry_index"],
-        on="click",
-        clear="dblclick",
-        value=[{"entry_index": first_entry}] if first_entry is not None else alt.Undefined,
+        name="response", fields=["entry_index"], on="click", clear="dblclick"
     )
-    cells = cells.add_params(sel).encode(
-        opacity=alt.when(sel).then(alt.value(1.0)).otherwise(alt.value(0.45))
+    mem_sel = alt.selection_point(
+        name="memory", fields=["memory_key"], on="click", clear="dblclick"
+    )
+    # Full opacity until a column is selected (an empty selection counts as all).
+    cells = cells.add_params(sel, mem_sel).encode(
+        opacity=alt.when(sel).then(alt.value(1.0)).otherwise(alt.value(0.35))
     )
     top = alt.layer(cells, failed, data=data).properties(width=w, height=h, title=chart_title)
-    bars = (
-        alt.Chart(data)
+    ok = frame.filter(pl.col("status") == "ok")["divergence"].drop_nulls()
+    x_max = float(ok.max()) if ok.len() and float(ok.max()) > 0 else 1.0  # type: ignore[arg-type]
+    n_bar = min(len(keys), max(bar_top, 1))
+    bar_h = max(n_bar * 20, 60)
+    leaned = (
+        alt.Chart()
         .transform_filter(sel)
         .transform_filter("datum.status === 'ok' && datum.divergence > 0")
         .transform_aggregate(
@@ -281,24 +283,44 @@ def heatmap(
             bar_rank="row_number()", sort=[alt.SortField("divergence", order="descending")]
         )
         .transform_filter(f"datum.bar_rank <= {max(bar_top, 1)}")
-        .mark_bar(color=_ACCENT)
+        .mark_bar(color=_ACCENT, size=14)
         .encode(
-            x=alt.X("divergence:Q", title="max divergence over the selected response(s)"),
-            y=alt.Y("memory_key:N", sort="-x", title="memory"),
+            # a fixed domain and no stack: an empty selection draws no "Infinite extent"
+            x=alt.X("divergence:Q", title="max divergence over the selected response(s)",
+                    stack=None, scale=alt.Scale(domain=[0, x_max])),
+            y=alt.Y("memory_key:N", sort="-x", title="memory",
+                    axis=alt.Axis(labelFontSize=12, labelLimit=220)),
             tooltip=[
                 alt.Tooltip("memory_key:N", title="memory"),
                 alt.Tooltip("memory_text:N", title="memory text"),
                 alt.Tooltip("divergence:Q", title="divergence", format=".4g"),
             ],
         )
-        .properties(
-            width=w,
-            height=_clamp(min(len(keys), max(bar_top, 1)) * 16, 60, 840),
-            title=alt.Title(
-                f"Memories the selected response leaned on (top {max(bar_top, 1)})",
-                subtitle="click a column (shift-click adds, double-click clears)",
-            ),
+    )
+    # One row per selected column set: how many of its cells are above 0. Zero → say so.
+    nothing = (
+        alt.Chart()
+        .transform_filter(sel)
+        .transform_calculate(hit="datum.status === 'ok' && datum.divergence > 0 ? 1 : 0")
+        .transform_aggregate(hits="sum(hit)")
+        .transform_filter("datum.hits === 0")
+        .mark_text(align="left", baseline="middle", fontSize=13, color="#555",
+                   fontStyle="italic")
+        .encode(
+            x=alt.value(4),
+            y=alt.value(bar_h / 2),
+            text=alt.value("The selected response leaned on no memory "
+                           "(removing any one did not lower its log-probability)."),
         )
+    )
+    bars = alt.layer(leaned, nothing, data=data).properties(
+        width=max(w, 420),
+        height=bar_h,
+        title=alt.Title(
+            f"Memories the selected response leaned on (top {max(bar_top, 1)})",
+            subtitle="click a column (shift-click adds, double-click clears); "
+                     "nothing selected: max over all responses",
+        ),
     )
     return alt.vconcat(top, bars)
 
@@ -585,7 +607,16 @@ def finetune_histogram(
         .otherwise(pl.lit("below threshold"))
         .alias("side")
     )
-    x_scale = alt.Scale(type="log") if log else alt.Scale(zero=True)
+    # The domain always holds the threshold, so its rule is drawn on the axis even when
+    # every response is on one side of it.
+    lo = min([threshold, *counts["bin_start"].to_list()])
+    hi = max([threshold, *counts["bin_end"].to_list()])
+    if log:
+        step = 10.0 ** (1 / max(bins_per_decade, 1))
+        x_scale = alt.Scale(type="log", domain=[lo / step, hi * step], nice=False)
+    else:
+        x_scale = alt.Scale(zero=True, domain=[0, hi])
+    max_count = int(counts["count"].max() or 0) if counts.height else 0  # type: ignore[arg-type]
     bars = (
         alt.Chart(_data(counts))
         .mark_rect(stroke="white", strokeWidth=0.5)
@@ -593,7 +624,10 @@ def finetune_histogram(
             x=alt.X("bin_start:Q", title="divergence (nats)", scale=x_scale,
                     axis=alt.Axis(format=".0e" if log else ".3g")),
             x2="bin_end:Q",
-            y=alt.Y("count:Q", title="responses", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("count:Q", title="responses",
+                    scale=alt.Scale(domain=[0, max(max_count, 1)]),
+                    axis=alt.Axis(tickMinStep=1, format="d",
+                                  tickCount=min(max(max_count, 1), 10))),
             y2=alt.datum(0),
             color=alt.Color(
                 "side:N",

@@ -35,11 +35,14 @@ __all__ = [
     "HEATMAP_COLUMNS",
     "MATRIX_FRAME_COLUMNS",
     "HeatmapReduction",
+    "Table",
     "candidates_frame",
     "heatmap_reduction",
     "matrix_frame",
+    "matrix_texts",
     "response_frame",
     "snippet_text",
+    "table",
     "top_memories",
     "top_memories_per_response",
 ]
@@ -123,23 +126,39 @@ def _ranks(order: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _response_texts(entries: Sequence[int], ctx: ContextState | None, n: int | None) -> list[str]:
-    if ctx is None:
-        return [""] * len(entries)
+def _entry_text(ctx: ContextState, e: int) -> str:
     conv = ctx.conversation
-    out: list[str] = []
-    for e in entries:
-        if 0 <= e < len(conv):
-            out.append(snippet_text(visible_text(conv[e]), n))
-        else:
-            out.append("")
-    return out
+    if not 0 <= e < len(conv):
+        return ""
+    return visible_text(conv[e])
 
 
-def _memory_texts(keys: Sequence[str], ctx: ContextState | None, n: int | None) -> list[str]:
-    if ctx is None:
-        return [""] * len(keys)
-    return [snippet_text(ctx.memory_text(k), n) for k in keys]
+def matrix_texts(
+    matrix: MemoryMatrix, ctx: ContextState | None = None
+) -> tuple[list[str], list[str]]:
+    """Full memory texts (aligned with ``keys``) and response texts (aligned with
+    ``entries``): the matrix's own ``memory_texts`` / ``response_texts`` when it carries
+    them, else read from ``ctx``, else empty strings."""
+    n, m = matrix.shape
+    mem = list(getattr(matrix, "memory_texts", ()) or ())
+    resp = list(getattr(matrix, "response_texts", ()) or ())
+    if len(mem) != n:
+        mem = [ctx.memory_text(k) for k in matrix.keys] if ctx is not None else [""] * n
+    if len(resp) != m:
+        resp = ([_entry_text(ctx, int(e)) for e in matrix.entries] if ctx is not None
+                else [""] * m)
+    return mem, resp
+
+
+def _response_texts(matrix: MemoryMatrix, ctx: ContextState | None, n: int | None) -> list[str]:
+    return [snippet_text(t, n) for t in matrix_texts(matrix, ctx)[1]]
+
+
+def _memory_texts(
+    matrix: MemoryMatrix, keys: Sequence[str], ctx: ContextState | None, n: int | None
+) -> list[str]:
+    texts = dict(zip(matrix.keys, matrix_texts(matrix, ctx)[0], strict=True))
+    return [snippet_text(texts.get(k, ""), n) for k in keys]
 
 
 def matrix_frame(
@@ -154,7 +173,8 @@ def matrix_frame(
     matrix
         The scored matrix, ``(n_memories, n_responses)``.
     ctx
-        The context it was scored on; gives the text snippets (empty strings without it).
+        The context it was scored on: gives the text snippets when the matrix does not
+        carry its texts (``memory_texts`` / ``response_texts``; empty strings without both).
     snippet
         Maximum characters of each text snippet (``None``: full text, still on one line).
 
@@ -185,7 +205,6 @@ def matrix_frame(
     div = matrix.divergence.reshape(-1)
     failed_row = np.repeat(np.asarray([e is not None for e in matrix.errors], dtype=bool), m)
     status = np.where(failed_row | np.isnan(div), "failed", "ok")
-    entries = matrix.entries.tolist()
     return base.with_columns(
         pl.Series("status", status.tolist(), dtype=pl.String),
         pl.Series("memory_rank", np.repeat(mem_rank, m), dtype=pl.Int64),
@@ -197,10 +216,10 @@ def matrix_frame(
         ),
         pl.Series(
             "memory_text",
-            [t for t in _memory_texts(matrix.keys, ctx, snippet) for _ in range(m)],
+            [t for t in _memory_texts(matrix, matrix.keys, ctx, snippet) for _ in range(m)],
             dtype=pl.String,
         ),
-        pl.Series("response_text", _response_texts(entries, ctx, snippet) * n, dtype=pl.String),
+        pl.Series("response_text", _response_texts(matrix, ctx, snippet) * n, dtype=pl.String),
     ).select(MATRIX_FRAME_COLUMNS)
 
 
@@ -237,7 +256,7 @@ def response_frame(
             "response_score": matrix.response_scores,
             "top_memory": top_key,
             "top_divergence": top_val,
-            "response_text": _response_texts(matrix.entries.tolist(), ctx, snippet),
+            "response_text": _response_texts(matrix, ctx, snippet),
         },
         schema={
             "response_rank": pl.Int64,
@@ -269,7 +288,7 @@ def top_memories(
     k
         How many to keep (``None``: all that succeeded).
     ctx
-        Gives ``memory_text`` (empty without it).
+        Gives ``memory_text`` when the matrix carries no texts (empty without both).
     snippet
         Maximum characters of ``memory_text``.
     threshold
@@ -320,7 +339,7 @@ def top_memories(
             "max_divergence": rows_max,
             "peak_entry": peaks,
             "responses_above": above,
-            "memory_text": _memory_texts(keys, ctx, snippet),
+            "memory_text": _memory_texts(matrix, keys, ctx, snippet),
         },
         schema={
             "memory_rank": pl.Int64,
@@ -335,7 +354,12 @@ def top_memories(
 
 
 def top_memories_per_response(
-    matrix: MemoryMatrix, k: int = 3, *, threshold: float = 0.0
+    matrix: MemoryMatrix,
+    k: int = 3,
+    *,
+    threshold: float = 0.0,
+    ctx: ContextState | None = None,
+    snippet: int | None = None,
 ) -> pl.DataFrame:
     """For every response, the ``k`` memories it leaned on most.
 
@@ -347,7 +371,8 @@ def top_memories_per_response(
     pl.DataFrame
         ``response_rank``, ``entry_index``, ``rank`` (0 = largest divergence),
         ``memory_key``, ``divergence``, ``share`` (the cell over the response's column
-        sum); sorted by response, then rank.
+        sum), ``response_text``, ``memory_text`` (the matrix's texts, else ``ctx``'s; cut
+        to ``snippet`` characters unless ``None``); sorted by response, then rank.
 
     Examples
     --------
@@ -358,6 +383,16 @@ def top_memories_per_response(
     >>> top_memories_per_response(m, 1).select("entry_index", "memory_key").rows()
     [(1, 'b'), (3, 'b')]
     """
+    mem_texts, resp_texts = matrix_texts(matrix, ctx)
+    texts = pl.DataFrame(
+        {"memory_key": matrix.keys, "memory_text": [snippet_text(t, snippet) for t in mem_texts]},
+        schema={"memory_key": pl.String, "memory_text": pl.String},
+    ).unique("memory_key", keep="first", maintain_order=True)
+    resp = pl.DataFrame(
+        {"response_rank": np.arange(matrix.shape[1], dtype=np.int64),
+         "response_text": [snippet_text(t, snippet) for t in resp_texts]},
+        schema={"response_rank": pl.Int64, "response_text": pl.String},
+    )
     frame = (
         matrix.to_frame()
         .with_columns(
@@ -378,8 +413,57 @@ def top_memories_per_response(
         )
         .with_columns(pl.int_range(pl.len()).over("response_rank").cast(pl.Int64).alias("rank"))
         .filter(pl.col("rank") < k)
-        .select("response_rank", "entry_index", "rank", "memory_key", "divergence", "share")
+        .join(resp, on="response_rank", how="left", maintain_order="left")
+        .join(texts, on="memory_key", how="left", maintain_order="left")
+        .select("response_rank", "entry_index", "rank", "memory_key", "divergence", "share",
+                "response_text", "memory_text")
     )
+
+
+class Table:
+    """A frame shown whole in a notebook: every row, full texts wrapped (no ``…`` cuts).
+
+    Polars' own notebook view cuts strings and hides middle rows; review tables need the
+    text. ``Table(frame).frame`` is the frame itself.
+    """
+
+    def __init__(self, frame: pl.DataFrame, *, float_format: str = ".4g") -> None:
+        self.frame = frame
+        self.float_format = float_format
+
+    def _cell(self, value: object) -> str:
+        import html
+
+        if value is None:
+            return "<span style='color:#999'>null</span>"
+        if isinstance(value, float):
+            return format(value, self.float_format)
+        return html.escape(str(value))
+
+    def _repr_html_(self) -> str:
+        import html
+
+        # inline styles: a notebook's own table rules (right-aligned cells) come later
+        style = ("style='text-align:left;vertical-align:top;white-space:pre-wrap;"
+                 "max-width:38em;padding:3px 8px'")
+        head = "".join(f"<th {style}>{html.escape(c)}</th>" for c in self.frame.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td {style}>{self._cell(v)}</td>" for v in row) + "</tr>"
+            for row in self.frame.iter_rows()
+        )
+        return (
+            f"<table class='sk-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"</table><p style='color:#666'>{self.frame.height} rows</p>"
+        )
+
+    def __repr__(self) -> str:
+        with pl.Config(fmt_str_lengths=200, tbl_rows=-1, tbl_width_chars=200):
+            return repr(self.frame)
+
+
+def table(frame: pl.DataFrame) -> Table:
+    """``frame`` for reading in a notebook: all rows, full texts wrapped (see :class:`Table`)."""
+    return Table(frame)
 
 
 def candidates_frame(candidates: Iterable[FinetuneCandidate]) -> pl.DataFrame:

@@ -9,7 +9,11 @@ given instead (``--model-path`` / ``SCORING_KIT_MODEL_PATH``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import unittest.mock
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,7 +101,25 @@ def _require_transformers() -> Any:
         )
         raise MissingDependencyError(msg) from exc
     transformers.logging.set_verbosity_error()
+    # no "Loading weights" bars in notebook cells or CLI output (issue 14)
+    transformers.logging.disable_progress_bar()
     return transformers
+
+
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """Silence transformers' GGUF "Converting and de-quantizing" bar (a bare tqdm.auto)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older transformers or no gguf support
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # pragma: no cover
+        yield
+        return
+    with unittest.mock.patch.object(gguf_utils, "tqdm", functools.partial(bar, disable=True)):
+        yield
 
 
 def load_tokenizer(model_path: PathLike | None = None) -> HFTokenizer:
@@ -124,9 +146,10 @@ def load_hf_model(
 
     torch_dtype = getattr(torch, dtype)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(loc.directory), dtype=torch_dtype, **loc.hf_kwargs()
-        )
+        with _no_gguf_bar():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(loc.directory), dtype=torch_dtype, **loc.hf_kwargs()
+            )
     except Exception as exc:
         msg = f"could not load the model from {loc.directory} ({loc.gguf_file}): {exc}"
         raise ModelLoadError(msg, backend="local") from exc

@@ -399,7 +399,7 @@ async def aevaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cases), desc="evaluating", unit="case", leave=False)
+        bar = tqdm(total=len(cases), desc="evaluating", unit="case", leave=True)
     try:
         for case in cases:
             prepared = (

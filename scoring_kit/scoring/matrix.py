@@ -182,7 +182,7 @@ async def ascore_memories(
             lead = [base_req] if _batch_reuses_prefix(scorer) else []
             reqs = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
                     for i in chunk]
-            _, rows = await ascore_ablations(scorer, reqs, sizes=m, lead=lead)
+            _, rows = await _with_ticking(ascore_ablations(scorer, reqs, sizes=m, lead=lead), bar)
             for i, ablation in zip(chunk, rows, strict=True):
                 k = mem_keys[i]
                 without[i], errors[i] = ablation.scores, ablation.error
@@ -195,7 +195,7 @@ async def ascore_memories(
                     on_row(k, row, ablation.error)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(k[:24])
+                    bar.set_postfix_str(k[:24], refresh=False)
             if ckpt is not None:
                 build().save(ckpt, overwrite=True)
     finally:
@@ -221,7 +221,22 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=False)
+    # leave=True: the finished bar (total, elapsed) stays in the notebook as a record.
+    return tqdm(total=total, initial=done, desc="scoring memories", unit="memory", leave=True)
+
+
+async def _with_ticking(aw: Any, bar: Any) -> Any:
+    """Await ``aw``, redrawing ``bar`` twice a second meanwhile so its elapsed time moves
+    while a batch is in flight (its count moves as each chunk of memories completes)."""
+    import asyncio
+
+    if bar is None:
+        return await aw
+    task = asyncio.ensure_future(aw)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        bar.refresh()
+    return task.result()
 
 
 score_memories = sync_twin(ascore_memories, "score_memories")

@@ -191,7 +191,7 @@ async def ascore_memories_incremental(
     if progress and candidates:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(candidates), desc="incremental scoring", unit="memory", leave=False)
+        bar = tqdm(total=len(candidates), desc="incremental scoring", unit="memory", leave=True)
     try:
         for pos, key, _ in candidates:
             cum = cumulative[pos] if pos < len(cumulative) else total
