@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .._exceptions import ContextError
-
 __all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer"]
 
 IM_START = "<|im_start|>"
@@ -15,12 +13,12 @@ IM_END = "<|im_end|>"
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text <-> token ids, plus the ChatML special tokens."""
+    """Text <-> token ids, plus the ChatML special tokens (None when it has none)."""
 
     name: str
     vocab_size: int
-    im_start_id: int
-    im_end_id: int
+    im_start_id: int | None
+    im_end_id: int | None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added (no BOS)."""
@@ -30,7 +28,11 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """Wraps a ``transformers`` tokenizer (fast or slow)."""
+    """Wraps a ``transformers`` tokenizer (fast or slow).
+
+    ``im_start_id`` / ``im_end_id`` are the ChatML marker ids, or None for a tokenizer
+    without them (such a model's conversations go through a chat template).
+    """
 
     def __init__(self, tok: Any, *, name: str) -> None:
         self._tok = tok
@@ -38,10 +40,21 @@ class HFTokenizer:
         self.vocab_size = len(tok)
         ids = tok.convert_tokens_to_ids([IM_START, IM_END])
         unk = getattr(tok, "unk_token_id", None)
-        if any(i is None or (unk is not None and i == unk) for i in ids):
-            msg = f"tokenizer {name!r} has no ChatML tokens {IM_START} / {IM_END}"
-            raise ContextError(msg)
-        self.im_start_id, self.im_end_id = int(ids[0]), int(ids[1])
+        self.im_start_id: int | None = None
+        self.im_end_id: int | None = None
+        if not any(i is None or (unk is not None and i == unk) for i in ids):
+            self.im_start_id, self.im_end_id = int(ids[0]), int(ids[1])
+
+    @property
+    def has_chatml(self) -> bool:
+        """Whether the vocabulary has the ChatML markers as single tokens."""
+        return self.im_start_id is not None and self.im_end_id is not None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own Jinja chat template, if it ships one."""
+        tpl = getattr(self._tok, "chat_template", None)
+        return tpl if isinstance(tpl, str) and tpl.strip() else None
 
     @property
     def hf(self) -> Any:
