@@ -106,7 +106,7 @@ def _add_server(p: argparse.ArgumentParser) -> None:
 def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .session import Session
 
-    return Session(
+    sess = Session(
         args.server,
         backend=args.backend,
         model=args.model,
@@ -116,6 +116,41 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
         concurrency=args.concurrency,
         **kwargs,
     )
+    sess.render_options = _render_options(args)
+    return sess
+
+
+# ── chat template options (issue 16: any chat model) ───────────────
+_SCORE_SPANS = ("turn", "content")
+_PLACEMENTS = ("message:system", "message:user", "message:tool", "inline")
+
+
+def _add_template(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("chat template (plain conversations)")
+    g.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help="render plain messages with this Jinja chat template: chatml, gemma, "
+                        "tokenizer (the tokenizer's own), or a file (default: the kit's ChatML "
+                        "when the tokenizer has ChatML tokens, else the tokenizer's template)")
+    g.add_argument("--memory-placement", choices=_PLACEMENTS, default=None,
+                   help="where memories go in the template: their own message of that role, "
+                        "or inline as a [memory: KEY] block in the next user turn (default "
+                        "message:system; inline for gemma)")
+    g.add_argument("--score-span", choices=_SCORE_SPANS, default="turn",
+                   help="what is scored for a response: the whole assistant turn as rendered "
+                        "(turn, default) or its content and end-of-turn token (content)")
+
+
+def _render_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The chat-template keywords of ``load_context`` from the parsed options."""
+    return {k: getattr(args, k) for k in ("chat_template", "memory_placement", "score_span")
+            if getattr(args, k, None) is not None}
+
+
+def _template_info(ctx: Any) -> dict[str, Any]:
+    if ctx.template is not None:
+        return dict(ctx.template.info())
+    return {"name": "chatml", "origin": "the kit's ChatML", "memory_placement": "message:system",
+            "ablation": "cut", "system_merged": False}
 
 
 # ── subcommands ────────────────────────────────────────────────────
@@ -138,7 +173,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         from .engine.loader import load_tokenizer
 
         tok = load_tokenizer(args.model_path)
-    ctx = load_context(args.conversation, tok)
+    ctx = load_context(args.conversation, tok, **_render_options(args))
     keys = set(args.skip)
     unknown = keys - set(ctx.memory_keys())
     if unknown:
@@ -154,6 +189,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     wp = ctx.wire_prompt(args.range, skip)
     body = wp.body(args.model or "default")
     body["entries"] = list(wp.entries)
+    if tok is not None:
+        body["scored"] = [tok.decode(wp.tokens[a:b].tolist()) for a, b in wp.ranges]
+    body["score_span"] = ctx.score_span
+    body["chat_template"] = _template_info(ctx)
     sys.stdout.write(orjson.dumps(body).decode() + "\n")
     return EXIT_OK
 
@@ -196,6 +235,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .analysis.charts import heatmap
     from .analysis.export import export_matrix, save_chart
 
+    matrix.meta.setdefault("chat_template", _template_info(ctx))
+    matrix.meta.setdefault("score_span", ctx.score_span)
     export_matrix(matrix, out / "matrix.parquet")
     matrix.save(out / "matrix.npz")
     chart = heatmap(matrix, ctx)
@@ -222,7 +263,10 @@ def cmd_candidates(args: argparse.Namespace) -> int:
 
     with _session(args) as sess:
         ctx = sess.load(args.conversation)
-        stops = (sess.tokenizer.im_end_id,) if args.alternates else None
+        from .context.tokenizer import turn_end_id
+
+        end = turn_end_id(sess.tokenizer)
+        stops = (end,) if args.alternates and end is not None else None
         cands, stats = score_finetune_candidates(
             ctx, sess.scorer, count=args.count, threshold=args.threshold,
             trained=TrainedSet(args.trained) if args.trained else TrainedSet(),
@@ -344,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation entries A..B (half-open) instead of all")
     r.add_argument("--model", default=None, help="model name to put in the body")
     r.add_argument("--model-path", default=None, help="tokenizer for plain conversations")
+    _add_template(r)
     r.set_defaults(func=cmd_render)
 
     sc = sub.add_parser("score", help="full N x M memory matrix -> DIR/matrix.parquet + heatmap")
@@ -369,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_server(sc)
+    _add_template(sc)
     sc.set_defaults(func=cmd_score)
 
     c = sub.add_parser("candidates", help="finetune candidates -> JSONL (+ chat-format JSONL)")
@@ -384,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also generate what the model says with memories removed")
     c.add_argument("--trained", default=None, help="trained-set file (skip trained responses)")
     _add_server(c)
+    _add_template(c)
     c.set_defaults(func=cmd_candidates)
 
     i = sub.add_parser("incremental", help="score the memories that are due; update the store")
@@ -397,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="responses per window (100)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_server(i)
+    _add_template(i)
     i.set_defaults(func=cmd_incremental)
 
     t = sub.add_parser("train", help="send exported candidates to /train; mark them trained")
@@ -418,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results parquet (default out/evaluation.parquet)")
     e.add_argument("--locomo", default=None, help="path to locomo10.json")
     _add_server(e)
+    _add_template(e)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="embedded server + sample conversation: baselines, matrix, "

@@ -50,6 +50,9 @@ class Session:
         self.engine: Engine | None = None
         self.server: EmbeddedServer | None = None
         self._tokenizer: HFTokenizer | None = None
+        #: chat-template keywords for plain conversations (``chat_template``,
+        #: ``memory_placement``, ``score_span``; see ``load_context``)
+        self.render_options: dict[str, Any] = {}
         if server is None and backend in ("auto", "local", "score"):
             from .engine.engine import Engine
 
@@ -95,7 +98,7 @@ class Session:
         tok = self._tokenizer
         if tok is None and sniff_format(path) == "plain":
             tok = self.tokenizer
-        return load_context(path, tok)
+        return load_context(path, tok, **self.render_options)
 
     def close(self) -> None:
         try:

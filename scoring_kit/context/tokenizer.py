@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer"]
+__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer", "turn_end_id"]
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -71,3 +71,20 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+#: end-of-turn markers of common chat formats, tried in order
+_TURN_ENDS = (IM_END, "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def turn_end_id(tok: Tokenizer) -> int | None:
+    """The id that ends an assistant turn: ChatML's ``<|im_end|>``, Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, ... or the EOS id; None if none is known."""
+    if tok.im_end_id is not None:
+        return tok.im_end_id
+    for marker in _TURN_ENDS:
+        ids = tok.encode(marker)
+        if len(ids) == 1:
+            return ids[0]
+    eos = getattr(getattr(tok, "hf", None), "eos_token_id", None)
+    return int(eos) if isinstance(eos, int) else None
