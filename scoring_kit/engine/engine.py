@@ -265,6 +265,9 @@ class Engine:
         self.vocab_size = int(getattr(text_config, "vocab_size", tokenizer.vocab_size))
         self.max_len = int(max_len if max_len is not None else text_config.max_position_embeddings)
         self._softcap: float | None = getattr(text_config, "final_logit_softcapping", None)
+        from .gemma import sliding_window
+
+        self._window = sliding_window(model.config)
         self._logit_scale = float(getattr(text_config, "logit_scale", 1.0) or 1.0)
         self.chunk_tokens = int(chunk_tokens)
         self.logit_chunk_rows = int(logit_chunk_rows)
@@ -648,9 +651,9 @@ class Engine:
     # ------------------------------------------------------------------ internals: model
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from .gemma import full_cache  # sliding-window layers keep every position (Gemma 3)
 
-        return DynamicCache(config=self.model.config)
+        return full_cache(self.model.config)
 
     def _cache_from(self, kv: Sequence[_LayerKV] | None, length: int, rows: int = 1) -> Any:
         """A fresh DynamicCache holding ``kv[:, :, :length]`` (expanded to ``rows`` rows)."""
@@ -680,7 +683,7 @@ class Engine:
         ids: torch.Tensor,
         start: int | torch.Tensor,
         cache: Any,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run ``ids`` (batch, q) through the base model at positions ``start + arange(q)``.
 
@@ -957,6 +960,12 @@ class Engine:
                 ],
                 dim=2,
             )[:, None]
+            if self._window is not None:  # Gemma 3: sliding layers get their own mask
+                from .gemma import layer_masks
+
+                kv_pos = torch.cat([torch.arange(big_r, device=dev)[None].expand(b, -1),
+                                    starts[:, None] + kj[None]], dim=1)
+                mask = layer_masks(self.model.config, mask, starts[:, None] + qi[None], kv_pos)
             hidden = self._forward(ids[:, c0:c1], starts + c0, cache, mask=mask)
             lo, hi = np.searchsorted(pos_of, [c0, c1])
             if hi > lo:  # one LM-head call for the whole batch's rows in this chunk
