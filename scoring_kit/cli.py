@@ -117,6 +117,10 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
         **kwargs,
     )
     sess.render_options = _render_options(args)
+    if getattr(args, "tokenizer", None):
+        from .context.tokenizer import load_tokenizer_from
+
+        sess.set_tokenizer(load_tokenizer_from(args.tokenizer))
     return sess
 
 
@@ -135,6 +139,10 @@ def _add_template(p: argparse.ArgumentParser) -> None:
                    help="where memories go in the template: their own message of that role, "
                         "or inline as a [memory: KEY] block in the next user turn (default "
                         "message:system; inline for gemma)")
+    g.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenize plain conversations with this tokenizer: an HF folder, a "
+                        "tokenizer.json or a GGUF file (default: --model-path's, or the "
+                        "embedded model's); it must be the served model's")
     g.add_argument("--score-span", choices=_SCORE_SPANS, default="turn",
                    help="what is scored for a response: the whole assistant turn as rendered "
                         "(turn, default) or its content and end-of-turn token (content)")
@@ -169,7 +177,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .context.model import skip_key
 
     tok = None
-    if args.model_path or _is_plain(args.conversation):
+    if args.tokenizer:
+        from .context.tokenizer import load_tokenizer_from
+
+        tok = load_tokenizer_from(args.tokenizer)
+    elif args.model_path or _is_plain(args.conversation):
         from .engine.loader import load_tokenizer
 
         tok = load_tokenizer(args.model_path)

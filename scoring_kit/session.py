@@ -89,6 +89,10 @@ class Session:
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
+    def set_tokenizer(self, tokenizer: HFTokenizer) -> None:
+        """Tokenize plain conversations with ``tokenizer`` (``--tokenizer``)."""
+        self._tokenizer = tokenizer
+
     def load(self, path: PathLike) -> ContextState:
         """Load a conversation in either format with this session's tokenizer."""
         from .context.io import load_context, sniff_format

