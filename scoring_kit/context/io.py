@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from .._exceptions import ContextError
+from .._exceptions import ConfigError, ContextError
 from .._files import atomic_write_bytes
 from .._types import PathLike
 from ..wire import WireImage
 from .chatml import PLAIN_ROLES, render_message, section_of
-from .model import KINDS, SECTIONS, ContextState, Node
+from .model import KINDS, SCORE_SPANS, SECTIONS, ContextState, Node, ScoreSpan
+from .templates import ChatTemplate, PlainMessage, render_template_context, resolve_template
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -189,21 +190,49 @@ def context_from_messages(
     *,
     path: str | None = None,
     lines: Sequence[int] | None = None,
+    chat_template: str | PathLike | ChatTemplate | None = None,
+    memory_placement: str | None = None,
+    score_span: ScoreSpan = "turn",
 ) -> ContextState:
-    """Build a context from plain messages, tokenized and rendered as ChatML.
+    """Build a context from plain messages, tokenized and rendered by a chat template.
 
     System, identity and journal messages go to their sections (in file order); memory,
     user, assistant and tool messages form the conversation.
+
+    Parameters
+    ----------
+    chat_template
+        A shipped template name (``chatml``, ``gemma``), ``tokenizer`` (the tokenizer's own),
+        a Jinja file, or None: the kit's ChatML for a tokenizer with ChatML tokens, else the
+        tokenizer's own template (see :func:`scoring_kit.context.templates.resolve_template`).
+    memory_placement
+        Where memories go in a template: ``message:system`` (default; ``inline`` for
+        Gemma), ``message:user``, ``message:tool`` or ``inline``.
+    score_span
+        ``turn`` (the whole assistant turn as rendered) or ``content`` (its content and the
+        end-of-turn token).
     """
-    sections: dict[str, list[Node]] = {s: [] for s in SECTIONS}
+    if score_span not in SCORE_SPANS:
+        msg = f"--score-span {score_span!r}: expected one of {', '.join(SCORE_SPANS)}"
+        raise ConfigError(msg)
+    plain: list[PlainMessage] = []
     for k, obj in enumerate(messages):
         line = lines[k] if lines is not None else k + 1
         role, content, key, ts = _check_message(obj, path=path, line=line)
-        node = render_message(tokenizer, role, content, key=key, timestamp_ns=ts)
-        sections[section_of(role)].append(node)
+        plain.append(PlainMessage(role, content, key, ts))
+    tpl = resolve_template(chat_template, tokenizer, memory_placement)
+    if tpl is not None:
+        return render_template_context(
+            plain, tokenizer, tpl, placement=memory_placement, score_span=score_span
+        )
+    sections: dict[str, list[Node]] = {s: [] for s in SECTIONS}
+    for m in plain:
+        node = render_message(tokenizer, m.role, m.content, key=m.key, timestamp_ns=m.timestamp_ns)
+        sections[section_of(m.role)].append(node)
     return ContextState(
         **{s: tuple(v) for s, v in sections.items()},  # type: ignore[arg-type]
         tokenizer_name=tokenizer.name,
+        score_span=score_span,
     )
 
 
@@ -311,7 +340,13 @@ def _context_from_nodes(
 
 
 def load_context(
-    path: PathLike, tokenizer: Tokenizer | None = None, *, reading: AgentReading | None = None
+    path: PathLike,
+    tokenizer: Tokenizer | None = None,
+    *,
+    reading: AgentReading | None = None,
+    chat_template: str | PathLike | ChatTemplate | None = None,
+    memory_placement: str | None = None,
+    score_span: ScoreSpan = "turn",
 ) -> ContextState:
     """Load a conversation in either format (detected from the first line).
 
@@ -326,6 +361,9 @@ def load_context(
     reading
         For OpenAI-style transcripts and Letta agent files (:mod:`.formats`, detected from
         the first bytes): which messages are memories and responses.
+    chat_template, memory_placement, score_span
+        How plain messages are rendered (see :func:`context_from_messages`); a tokenized
+        file keeps its token ids and takes only ``score_span``.
 
     Raises
     ------
@@ -342,7 +380,8 @@ def load_context(
     fmt = detect_format(rows[0][1], path=str(p), line=rows[0][0])
     if fmt == "tokenized":
         vocab = tokenizer.vocab_size if tokenizer is not None else None
-        return _context_from_nodes(rows, path=str(p), vocab=vocab)
+        ctx = _context_from_nodes(rows, path=str(p), vocab=vocab)
+        return ctx if score_span == "turn" else ctx.replace(score_span=score_span)
     if tokenizer is None:
         msg = (
             "plain messages need a tokenizer: pass tokenizer= (e.g. "
@@ -351,7 +390,8 @@ def load_context(
         )
         raise ContextError(msg, path=str(p))
     return context_from_messages(
-        [o for _, o in rows], tokenizer, path=str(p), lines=[n for n, _ in rows]
+        [o for _, o in rows], tokenizer, path=str(p), lines=[n for n, _ in rows],
+        chat_template=chat_template, memory_placement=memory_placement, score_span=score_span,
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -26,11 +26,13 @@ from ..wire import ScoreRequest, WireImage
 
 __all__ = [
     "KINDS",
+    "SCORE_SPANS",
     "SECTIONS",
     "ContextState",
     "Node",
     "NodeKind",
     "NodeSpan",
+    "ScoreSpan",
     "Section",
     "WirePrompt",
     "is_assistant",
@@ -197,6 +199,34 @@ class WirePrompt:
 
 SkipFn = Callable[[Node], bool]
 
+#: What is scored for a response: the whole assistant turn as rendered (markers included),
+#: or its content plus the one token after it (the end-of-turn token).
+ScoreSpan = Literal["turn", "content"]
+SCORE_SPANS: tuple[str, ...] = get_args(ScoreSpan)
+
+
+class Rerenderer(Protocol):
+    """How a context was rendered through a chat template (see ``context.templates``)."""
+
+    ablation: str
+
+    def info(self) -> dict[str, object]: ...
+
+    def rerender(self, ctx: ContextState, entries: range, skip: SkipFn) -> WirePrompt: ...
+
+
+def _content_span(node: Node) -> tuple[int, int]:
+    """Offsets in ``node.token_ids`` of its text content plus the token after it."""
+    ids = node.token_ids
+    body = tuple(t for c in node.children if c.kind == "text" for t in c.token_ids)
+    n = len(body)
+    if n == 0 or n > len(ids):
+        return 0, len(ids)
+    for off in range(len(ids) - n, -1, -1):
+        if ids[off:off + n] == body:
+            return off, min(off + n + 1, len(ids))
+    return 0, len(ids)
+
 
 def _never(_: Node) -> bool:
     return False
@@ -212,6 +242,10 @@ class ContextState:
     conversation: tuple[Node, ...] = ()
     #: name of the tokenizer the token ids belong to, when known
     tokenizer_name: str | None = None
+    #: what is scored for each response (``turn``: the whole rendered message)
+    score_span: ScoreSpan = "turn"
+    #: the chat template rendering (None: the kit's own ChatML, or a tokenized file)
+    template: Rerenderer | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for sec in ("system", "identity", "journal"):
@@ -277,7 +311,9 @@ class ContextState:
         Includes system, identity and journal, then the conversation entries in
         ``entries`` (default: all), leaving out every node for which ``skip(node)`` is
         true (in any section: identity memories can be ablated too). One half-open range is
-        produced per kept assistant branch, covering its whole rendered message.
+        produced per kept assistant branch, covering its whole rendered message (or, with
+        ``score_span="content"``, its content and end-of-turn token). A context rendered by a
+        non-concatenative chat template re-renders instead of cutting tokens out.
 
         Parameters
         ----------
@@ -300,6 +336,11 @@ class ContextState:
                     f"conversation of {n_conv} entries"
                 )
                 raise PromptError(msg)
+        if self.template is not None and self.template.ablation == "rerender" and (
+            skip is not None or len(idx) != n_conv
+        ):
+            return self.template.rerender(self, idx, skip_fn)
+        content = self.score_span == "content"
         parts: list[tuple[int, ...]] = []
         images: list[WireImage] = []
         ranges: list[Span] = []
@@ -325,7 +366,11 @@ class ContextState:
                         "position 0 has no prediction, so it cannot be scored"
                     )
                     raise PromptError(msg)
-                ranges.append((start, pos))
+                if content:
+                    a, b = _content_span(node)
+                    ranges.append((start + a, start + b))
+                else:
+                    ranges.append((start, pos))
                 owners.append(i)
 
         for sec in ("system", "identity", "journal"):

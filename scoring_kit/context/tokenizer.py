@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .._exceptions import ContextError
-
-__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer"]
+__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer", "load_tokenizer_from", "turn_end_id"]
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -15,12 +15,12 @@ IM_END = "<|im_end|>"
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text <-> token ids, plus the ChatML special tokens."""
+    """Text <-> token ids, plus the ChatML special tokens (None when it has none)."""
 
     name: str
     vocab_size: int
-    im_start_id: int
-    im_end_id: int
+    im_start_id: int | None
+    im_end_id: int | None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added (no BOS)."""
@@ -30,7 +30,11 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """Wraps a ``transformers`` tokenizer (fast or slow)."""
+    """Wraps a ``transformers`` tokenizer (fast or slow).
+
+    ``im_start_id`` / ``im_end_id`` are the ChatML marker ids, or None for a tokenizer
+    without them (such a model's conversations go through a chat template).
+    """
 
     def __init__(self, tok: Any, *, name: str) -> None:
         self._tok = tok
@@ -38,10 +42,21 @@ class HFTokenizer:
         self.vocab_size = len(tok)
         ids = tok.convert_tokens_to_ids([IM_START, IM_END])
         unk = getattr(tok, "unk_token_id", None)
-        if any(i is None or (unk is not None and i == unk) for i in ids):
-            msg = f"tokenizer {name!r} has no ChatML tokens {IM_START} / {IM_END}"
-            raise ContextError(msg)
-        self.im_start_id, self.im_end_id = int(ids[0]), int(ids[1])
+        self.im_start_id: int | None = None
+        self.im_end_id: int | None = None
+        if not any(i is None or (unk is not None and i == unk) for i in ids):
+            self.im_start_id, self.im_end_id = int(ids[0]), int(ids[1])
+
+    @property
+    def has_chatml(self) -> bool:
+        """Whether the vocabulary has the ChatML markers as single tokens."""
+        return self.im_start_id is not None and self.im_end_id is not None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own Jinja chat template, if it ships one."""
+        tpl = getattr(self._tok, "chat_template", None)
+        return tpl if isinstance(tpl, str) and tpl.strip() else None
 
     @property
     def hf(self) -> Any:
@@ -58,3 +73,49 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+#: end-of-turn markers of common chat formats, tried in order
+_TURN_ENDS = (IM_END, "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def turn_end_id(tok: Tokenizer) -> int | None:
+    """The id that ends an assistant turn: ChatML's ``<|im_end|>``, Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, ... or the EOS id; None if none is known."""
+    if tok.im_end_id is not None:
+        return tok.im_end_id
+    for marker in _TURN_ENDS:
+        ids = tok.encode(marker)
+        if len(ids) == 1:
+            return ids[0]
+    eos = getattr(getattr(tok, "hf", None), "eos_token_id", None)
+    return int(eos) if isinstance(eos, int) else None
+
+
+def load_tokenizer_from(path: str | os.PathLike[str]) -> HFTokenizer:
+    """A tokenizer from ``path``: an HF folder, a ``tokenizer.json`` file, or a GGUF file.
+
+    Raises
+    ------
+    ConfigError
+        The path does not exist or holds no tokenizer.
+    """
+    from .._exceptions import ConfigError, ModelLoadError
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--tokenizer {str(path)!r}: no such file or folder")
+    if p.is_file() and p.suffix == ".json":
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+        except Exception as exc:
+            raise ConfigError(f"--tokenizer {str(path)!r}: not a tokenizer.json: {exc}") from exc
+        return HFTokenizer(tok, name=p.parent.name or p.stem)
+    from ..engine.loader import load_tokenizer
+
+    try:
+        return load_tokenizer(p)
+    except ModelLoadError as exc:
+        raise ConfigError(f"--tokenizer {str(path)!r}: {exc}") from exc

@@ -78,6 +78,10 @@ class Forward:
         self._softcap = softcap
         self._logit_scale = logit_scale
         self.stats = stats
+        from .gemma import sliding_window
+
+        #: Gemma 3's sliding-window size (its sliding layers get their own mask), else None
+        self._window = sliding_window(model.config)
 
     @staticmethod
     def inference_mode() -> AbstractContextManager[Any]:
@@ -87,10 +91,11 @@ class Forward:
         return torch.inference_mode()
 
     def new_cache(self) -> Any:
-        """An empty ``transformers.DynamicCache`` for this model."""
-        from transformers import DynamicCache
+        """An empty ``transformers.DynamicCache`` for this model (sliding-window layers keep
+        every position, so that slicing a cached prefix stays correct: Gemma 3)."""
+        from .gemma import full_cache
 
-        return DynamicCache(config=self.model.config)
+        return full_cache(self.model.config)
 
     def cache_from(self, kv: Sequence[_LayerKV] | None, length: int, rows: int = 1) -> Any:
         """A fresh DynamicCache holding ``kv[:, :, :length]`` (expanded to ``rows`` rows)."""
@@ -121,7 +126,7 @@ class Forward:
         ids: torch.Tensor,
         start: int | torch.Tensor,
         cache: Any,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run ``ids`` (batch, q) through the base model at positions ``start + arange(q)``.
 
@@ -248,6 +253,12 @@ class Forward:
                 ],
                 dim=2,
             )[:, None]
+            if self._window is not None:  # Gemma 3: sliding layers get their own mask
+                from .gemma import layer_masks
+
+                kv_pos = torch.cat([torch.arange(big_r, device=dev)[None].expand(b, -1),
+                                    starts[:, None] + kj[None]], dim=1)
+                mask = layer_masks(self.model.config, mask, starts[:, None] + qi[None], kv_pos)
             hidden = self.forward(ids[:, c0:c1], starts + c0, cache, mask=mask)
             lo, hi = np.searchsorted(pos_of, [c0, c1])
             if hi > lo:  # one LM-head call for the whole batch's rows in this chunk

@@ -172,11 +172,15 @@ class Case:
     def category_name(self) -> str:
         return CATEGORY_NAMES.get(self.category, str(self.category))
 
-    def context(self, tokenizer: Tokenizer) -> ContextState:
-        """The case as a tokenized :class:`~scoring_kit.context.model.ContextState`."""
+    def context(self, tokenizer: Tokenizer, **render: Any) -> ContextState:
+        """The case as a tokenized :class:`~scoring_kit.context.model.ContextState`.
+
+        ``render``: ``chat_template``, ``memory_placement``, ``score_span`` (see
+        :func:`~scoring_kit.context.io.context_from_messages`).
+        """
         from ..context.io import context_from_messages
 
-        return context_from_messages(self.messages, tokenizer)
+        return context_from_messages(self.messages, tokenizer, **render)
 
 
 def _dia_ids(value: object) -> list[str]:

@@ -354,6 +354,7 @@ async def aevaluate(
     tokenizer: Tokenizer | None = None,
     seed: int = 0,
     progress: bool = True,
+    render: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
     """Run ``methods`` on ``cases`` and score each against the gold memory.
 
@@ -403,7 +404,7 @@ async def aevaluate(
     try:
         for case in cases:
             prepared = (
-                PreparedCase.build(case, tok)
+                PreparedCase.build(case, tok, render=render)
                 if tok is not None
                 else PreparedCase(case, None, case.keys, case.gold_index)
             )
@@ -446,12 +447,14 @@ def evaluate(
     tokenizer: Tokenizer | None = None,
     seed: int = 0,
     progress: bool = True,
+    render: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
     """Synchronous :func:`aevaluate` (works inside Jupyter too)."""
     from .._sync import run_sync
 
     return run_sync(
-        aevaluate(scorer, cases, methods, tokenizer=tokenizer, seed=seed, progress=progress)
+        aevaluate(scorer, cases, methods, tokenizer=tokenizer, seed=seed, progress=progress,
+                  render=render)
     )
 
 
@@ -522,6 +525,9 @@ def run_evaluate_cli(args: Any) -> int:
             result = evaluate(
                 scorer, cases, methods, tokenizer=tokenizer, seed=int(args.seed),
                 progress=bool(getattr(args, "progress", True)),
+                render={k: getattr(args, k) for k in
+                        ("chat_template", "memory_placement", "score_span")
+                        if getattr(args, k, None) is not None},
             )
         finally:
             if scorer is not None:

