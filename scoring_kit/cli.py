@@ -152,7 +152,7 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
     )
     sess.render_options = _render_options(args)
     if getattr(args, "tokenizer", None):
-        from .context.tokenizer import load_tokenizer_from
+        from .engine.loader import load_tokenizer_from
 
         sess.set_tokenizer(load_tokenizer_from(args.tokenizer))
     return sess
@@ -212,7 +212,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     tok = None
     if args.tokenizer:
-        from .context.tokenizer import load_tokenizer_from
+        from .engine.loader import load_tokenizer_from
 
         tok = load_tokenizer_from(args.tokenizer)
     elif args.model_path or _is_plain(args.conversation):

@@ -448,10 +448,14 @@ def test_theme_registered_on_first_call_and_user_theme_kept(
 
 
 def _with_texts(matrix: MemoryMatrix) -> MemoryMatrix:
-    matrix.memory_texts = ("I am the assistant.", "Alice has two cats.", "Carol lives in Oslo.",
-                           "Bob turned 40 in May.")
-    matrix.response_texts = ("Mia and Leo.", "In Oslo. " + "Long text, " * 10, "He is 40.")
-    return matrix
+    import dataclasses
+
+    return dataclasses.replace(
+        matrix,
+        memory_texts=("I am the assistant.", "Alice has two cats.", "Carol lives in Oslo.",
+                      "Bob turned 40 in May."),
+        response_texts=("Mia and Leo.", "In Oslo. " + "Long text, " * 10, "He is 40."),
+    )
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])

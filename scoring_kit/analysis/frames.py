@@ -142,11 +142,11 @@ def matrix_texts(
     n, m = matrix.shape
     mem = list(getattr(matrix, "memory_texts", ()) or ())
     resp = list(getattr(matrix, "response_texts", ()) or ())
-    if len(mem) != n:
-        mem = [ctx.memory_text(k) for k in matrix.keys] if ctx is not None else [""] * n
-    if len(resp) != m:
-        resp = ([_entry_text(ctx, int(e)) for e in matrix.entries] if ctx is not None
-                else [""] * m)
+    mem = mem if len(mem) == n else [""] * n
+    resp = resp if len(resp) == m else [""] * m
+    if ctx is not None:  # texts the matrix does not carry (saved without them) come from ctx
+        mem = [t or ctx.memory_text(k) for t, k in zip(mem, matrix.keys, strict=True)]
+        resp = [t or _entry_text(ctx, int(e)) for t, e in zip(resp, matrix.entries, strict=True)]
     return mem, resp
 
 

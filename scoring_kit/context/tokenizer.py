@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer", "load_tokenizer_from", "turn_end_id"]
+__all__ = ["IM_END", "IM_START", "HFTokenizer", "Tokenizer", "turn_end_id"]
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -90,32 +88,3 @@ def turn_end_id(tok: Tokenizer) -> int | None:
             return ids[0]
     eos = getattr(getattr(tok, "hf", None), "eos_token_id", None)
     return int(eos) if isinstance(eos, int) else None
-
-
-def load_tokenizer_from(path: str | os.PathLike[str]) -> HFTokenizer:
-    """A tokenizer from ``path``: an HF folder, a ``tokenizer.json`` file, or a GGUF file.
-
-    Raises
-    ------
-    ConfigError
-        The path does not exist or holds no tokenizer.
-    """
-    from .._exceptions import ConfigError, ModelLoadError
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"--tokenizer {str(path)!r}: no such file or folder")
-    if p.is_file() and p.suffix == ".json":
-        try:
-            from transformers import PreTrainedTokenizerFast
-
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
-        except Exception as exc:
-            raise ConfigError(f"--tokenizer {str(path)!r}: not a tokenizer.json: {exc}") from exc
-        return HFTokenizer(tok, name=p.parent.name or p.stem)
-    from ..engine.loader import load_tokenizer
-
-    try:
-        return load_tokenizer(p)
-    except ModelLoadError as exc:
-        raise ConfigError(f"--tokenizer {str(path)!r}: {exc}") from exc

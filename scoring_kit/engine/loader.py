@@ -32,6 +32,7 @@ __all__ = [
     "ModelLocation",
     "load_hf_model",
     "load_tokenizer",
+    "load_tokenizer_from",
     "resolve_model",
 ]
 
@@ -156,3 +157,31 @@ def load_hf_model(
     model.to(device)
     model.eval()
     return model
+
+
+def load_tokenizer_from(path: PathLike) -> HFTokenizer:
+    """A tokenizer from ``path``: an HF folder, a ``tokenizer.json`` file, or a GGUF file.
+
+    Raises
+    ------
+    ConfigError
+        The path does not exist or holds no tokenizer.
+    """
+    from .._exceptions import ConfigError
+    from ..context.tokenizer import HFTokenizer
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--tokenizer {str(path)!r}: no such file or folder")
+    if p.is_file() and p.suffix == ".json":
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+        except Exception as exc:
+            raise ConfigError(f"--tokenizer {str(path)!r}: not a tokenizer.json: {exc}") from exc
+        return HFTokenizer(tok, name=p.parent.name or p.stem)
+    try:
+        return load_tokenizer(p)
+    except ModelLoadError as exc:
+        raise ConfigError(f"--tokenizer {str(path)!r}: {exc}") from exc

@@ -126,7 +126,7 @@ def context_from_transcript(tr: AgentTranscript, tokenizer: Tokenizer) -> Contex
     """Tokenize and render ``tr`` through the plain-message path, then mark the assistant
     turns that are not scored (a ``tool_call`` leaf with the same tokens, so it stays in
     the prompt without a score range) and attach images."""
-    from ..io import context_from_messages
+    from ..messages import context_from_messages
 
     if not tr.messages:
         raise ContextError("the conversation holds no messages", path=tr.path, field="messages")

@@ -287,7 +287,7 @@ class _Reader:
                            note=f"result of {call.name}")
 
     def timestamp(self, i: int, obj: Mapping[str, Any]) -> int | None:
-        from ..io import parse_timestamp
+        from ..messages import parse_timestamp
 
         for fld in ("timestamp", "created_at"):
             value = obj.get(fld)
