@@ -12,8 +12,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 PKG = Path(__file__).resolve().parents[1] / "scoring_kit"
 
 #: rank of each top-level part of the package; an import may only go to a rank <= its own,
@@ -182,16 +180,69 @@ def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     assert LAYERS["context"] < LAYERS["backends"]
 
 
-@pytest.mark.parametrize("limit", [500])
-def test_module_sizes(limit: int) -> None:
-    """No module over ~500 lines without a stated reason (a ``# size:`` comment saying why)."""
+#: Modules allowed past ~500 lines (the check fails above 600), each with its reason.
+BIG_MODULES: dict[str, str] = {
+    "analysis/charts.py": "one builder per chart kind; the heatmap (cells, two selections, "
+    "linked bars, the empty state) is most of it and is the next to move into its own module",
+    "analysis/frames.py": "every frame the charts and notebooks read, plus the full-text table "
+    "view; the table view is the next to move out",
+    "context/templates.py": "chat-template rendering: cumulative spans, placements, the "
+    "concatenative check and re-rendering share one rendering state",
+}
+
+#: Functions allowed past ~80 lines of code (the check fails above 90, docstrings not counted).
+BIG_FUNCTIONS: dict[str, str] = {
+    "cli.py:build_parser": "a flat declaration of every subcommand's arguments, read as one table",
+    "backends/detect.py:detect_backend": "the probe sequence, in the order it runs, each probe "
+    "two to six lines; splitting it would hide the order",
+    "analysis/charts.py:heatmap": "one layered Vega-Lite spec; to be split with the module",
+}
+
+
+def test_module_sizes() -> None:
+    """No module over ~500 lines (fails above 600) unless listed with its reason."""
     big = []
     for p in sorted(PKG.rglob("*.py")):
-        text = p.read_text(encoding="utf-8")
-        n = text.count("\n")
-        if n > limit and "# size:" not in text:
-            big.append(f"{p.relative_to(PKG.parent)}: {n} lines")
+        rel = str(p.relative_to(PKG))
+        n = p.read_text(encoding="utf-8").count("\n")
+        if n > 600 and rel not in BIG_MODULES:
+            big.append(f"{rel}: {n} lines")
     assert not big, "modules over the size limit:\n" + "\n".join(big)
+
+
+def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = fn.body
+    first = body[0]
+    is_doc = (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+              and isinstance(first.value.value, str))
+    start = first.end_lineno + 1 if is_doc and len(body) > 1 and first.end_lineno else first.lineno
+    return (fn.end_lineno or start) - start + 1
+
+
+def test_function_sizes() -> None:
+    """No function over ~80 lines of code (fails above 90) unless listed with its reason."""
+    big = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG))
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = _code_lines(node)
+                if n > 90 and f"{rel}:{node.name}" not in BIG_FUNCTIONS:
+                    big.append(f"{rel}:{node.name}: {n} lines")
+    assert not big, "functions over the size limit:\n" + "\n".join(big)
+
+
+def test_stated_exceptions_are_still_needed() -> None:
+    """A listed module or function that shrank below the limit is taken off the list."""
+    for rel in BIG_MODULES:
+        assert (PKG / rel).read_text(encoding="utf-8").count("\n") > 600, rel
+    sizes = {}
+    for key in BIG_FUNCTIONS:
+        rel, name = key.split(":")
+        for node in ast.walk(ast.parse((PKG / rel).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+                sizes[key] = _code_lines(node)
+    assert all(sizes.get(k, 0) > 90 for k in BIG_FUNCTIONS), sizes
 
 
 def test_graph_has_edges() -> None:
