@@ -323,7 +323,11 @@ def test_4xx_is_not_retried_and_maps_message(status: int, response: Any, message
     err = info.value
     assert err.status_code == status
     assert message in err.message
-    assert str(err) == f"score API HTTP {status}: {err.message}"
+    assert str(err).startswith(f"score API HTTP {status}: {err.message}")
+    if status == 401:  # a refusal says whether a key was sent
+        assert "wants an API key" in str(err)
+    else:
+        assert str(err) == f"score API HTTP {status}: {err.message}"
     assert len(seen) == 1 and client.stats.retries == 0
 
 

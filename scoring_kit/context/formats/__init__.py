@@ -75,7 +75,14 @@ def agent_format(path: PathLike, reading: AgentReading | None = None) -> AgentFo
         return None
     head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head == b"[":
-        return "openai"
+        # a JSON list of message objects; anything else (a JSONL line that is an array, a
+        # list of strings) is left to the plain loader, which names the line
+        try:
+            listed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        ok = isinstance(listed, list) and all(isinstance(m, Mapping) for m in listed)
+        return "openai" if ok and listed else None
     if head not in (b"{", b'"'):
         return None
     try:
