@@ -82,7 +82,7 @@ def agent_format(path: PathLike, reading: AgentReading | None = None) -> AgentFo
         except orjson.JSONDecodeError:
             return None
         ok = isinstance(listed, list) and all(isinstance(m, Mapping) for m in listed)
-        return "openai" if ok and listed else None
+        return "openai" if ok else None
     if head not in (b"{", b'"'):
         return None
     try:
