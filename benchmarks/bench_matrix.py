@@ -195,7 +195,7 @@ def seed_way(engine: Engine, ctx: ContextState, keys: list[str] | None = None) -
         wp = ctx.wire_prompt(skip=skip_key(k))
         rows.append(engine.score_naive(wp.tokens.tolist(), wp.ranges))
     w = np.stack(rows)
-    return MemoryMatrix(keys, np.asarray(base.entries), b, w, [None] * len(rows))
+    return MemoryMatrix(tuple(keys), np.asarray(base.entries), b, w, (None,) * len(rows))
 
 
 def bench_assembly(repeats: int = 7) -> float:
@@ -205,7 +205,7 @@ def bench_assembly(repeats: int = 7) -> float:
     keys = [f"m{i}" for i in range(1000)]
 
     def build() -> float:
-        m = MemoryMatrix(keys, np.arange(1000), baseline, np.stack(rows), [None] * 1000)
+        m = MemoryMatrix(tuple(keys), np.arange(1000), baseline, np.stack(rows), (None,) * 1000)
         return float(divergence(m.baseline, m.without).sum() + m.memory_weights.sum())
 
     t, _ = median_time(build, repeats)

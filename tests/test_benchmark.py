@@ -74,3 +74,31 @@ def test_bad_list_option_is_refused_before_loading_a_model(
         bench.main([option, value])
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
+
+
+def _scale() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_grid_parsing() -> None:
+    scale = _scale()
+    assert scale._parse_grid("2000x16,8000X64") == [(2000, 16), (8000, 64)]
+    import argparse
+
+    for bad in ("2000", "2000x", "x16", "100x4", "2000x0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale._parse_grid(bad)
+
+
+@pytest.mark.parametrize("ways", ["exact,w", "exact,bogus", "exact,w1+rx"])
+def test_scale_refuses_unknown_ways_before_loading_a_model(
+    ways: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        _scale().main(["--ways", ways])
+    assert info.value.code == 2 and "--ways" in capsys.readouterr().err

@@ -1,0 +1,277 @@
+"""Benchmark at agent scale: the memory matrix on 2k-8k-token contexts with 16-128 memories.
+
+    .venv/bin/python benchmarks/bench_scale.py                       # the documented scale run
+    .venv/bin/python benchmarks/bench_scale.py --grid 2000x16 --ways exact,w1+r0.5
+    .venv/bin/python benchmarks/bench_scale.py --vllm http://127.0.0.1:8001 --vllm-model m
+
+Each point of the grid (``TOKENSxMEMORIES``, both layouts) runs in its own child process, so
+its peak resident memory is its own. For each point the child builds the LoCoMo-derived
+conversation of ``bench_matrix.build_conversation`` and measures, on the embedded engine:
+
+- ``exact``: the exact matrix (``score_memories``): wall time, tokens pushed through the model,
+  the exact-LOO token minimum and the token bound (seed tokens / minimum), the share of the
+  bound reached (speedup over the seed's way / bound);
+- each approximate way (``w1`` the 1-response window, ``w1+r0.5`` with the restatement screen,
+  ``hier`` the hierarchical mode): wall time, tokens, speedup, top-5 recall against exact
+  (overall and per response);
+- the seed's way (N + 1 dense full prefills, logits everywhere): *timed* when its estimated
+  time fits ``--seed-budget`` seconds, otherwise *estimated* from its token count at the
+  per-token cost of dense full prefills measured in the same child (two passes of the full
+  prompt) — the table says which;
+- with ``--vllm URL``: the exact matrix through ``--backend vllm`` against that server, and
+  the ratio of its time to the embedded engine's.
+
+Results go to ``--json`` (default ``out/bench-scale.json``) and a growth chart (cost against N
+at the largest L, and against L at N = 64) to ``--chart`` (default ``docs/scale-growth.png``).
+Read ratios: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+DEFAULT_GRID = "2000x64,4000x64,8000x16,8000x32,8000x64,8000x128"
+DEFAULT_WAYS = "exact,w1,w1+r0.5"
+
+
+def _parse_grid(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            t, n = part.lower().split("x")
+            out.append((int(t), int(n)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"grid points are TOKENSxMEMORIES separated by commas, got {part!r}"
+            ) from None
+        if out[-1][0] < 200 or out[-1][1] < 1:
+            raise argparse.ArgumentTypeError(f"grid point {part!r}: tokens >= 200, memories >= 1")
+    return out
+
+
+def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One grid point, in a child process; returns its figures."""
+    import numpy as np
+    from bench_matrix import build_conversation, exact_minimum, median_time, seed_way
+
+    from scoring_kit.backends.local import LocalScorer
+    from scoring_kit.engine.engine import Engine
+    from scoring_kit.scoring.approx import (
+        score_memories_hierarchical,
+        score_memories_windowed,
+        top_k_recall,
+    )
+    from scoring_kit.scoring.matrix import score_memories
+
+    engine = Engine.load(device=args["device"])
+    scorer = LocalScorer(engine)
+    ctx = build_conversation(layout, n_memories=memories, target_tokens=tokens,
+                             tokenizer=engine.tokenizer, locomo=Path(args["locomo"]))
+    base = ctx.wire_prompt()
+    L, n, m = len(base), len(ctx.memory_keys()), len(base.ranges)
+    seed_tokens, minimum = exact_minimum(ctx)
+    out: dict[str, Any] = {"target_tokens": tokens, "layout": layout, "prompt_tokens": L,
+                           "memories": n, "responses": m, "seed_tokens": seed_tokens,
+                           "exact_min_tokens": minimum, "bound": seed_tokens / minimum}
+
+    # per-token cost of the seed's dense full prefills, measured here (2 passes)
+    def dense() -> Any:
+        return engine.score_naive(base.tokens.tolist(), base.ranges)
+
+    t_dense, _ = median_time(dense, 2)
+    seed_est = seed_tokens * t_dense / L
+    if seed_est <= args["seed_budget"]:
+        t0 = time.perf_counter()
+        seed_m = seed_way(engine, ctx)
+        out["seed"] = {"s": time.perf_counter() - t0, "how": "timed"}
+    else:
+        seed_m = None
+        out["seed"] = {"s": seed_est, "how": f"estimated: {seed_tokens:,} tokens at the dense "
+                                              f"prefill cost measured here ({L / t_dense:,.0f} tok/s)"}
+    t_seed = out["seed"]["s"]
+
+    engine.clear_cache()
+    engine.reset_stats()
+    t0 = time.perf_counter()
+    exact_m = score_memories(ctx, scorer, chunk_size=max(1, n), progress=False)
+    t_exact = time.perf_counter() - t0
+    fwd = engine.stats.forward_tokens
+    out["exact"] = {"s": t_exact, "forward_tokens": fwd, "speedup": t_seed / t_exact,
+                    "share_of_bound": t_seed / t_exact / out["bound"],
+                    "tokens_vs_min": fwd / minimum}
+    if seed_m is not None:
+        out["exact"]["max_abs_diff_vs_seed"] = float(
+            np.nanmax(np.abs(exact_m.divergence - seed_m.divergence)))
+
+    for way in args["ways"]:
+        if way == "exact":
+            continue
+        engine.clear_cache()
+        engine.reset_stats()
+        t0 = time.perf_counter()
+        if way == "hier":
+            a = score_memories_hierarchical(ctx, scorer)
+        else:
+            w_part, _, r_part = way.partition("+r")
+            window = int(w_part.lstrip("w"))
+            a = score_memories_windowed(ctx, scorer, window=window,
+                                        restated=float(r_part) if r_part else None)
+        t_a = time.perf_counter() - t0
+        overall, per = top_k_recall(exact_m, a, 5)
+        out[way] = {"s": t_a, "forward_tokens": engine.stats.forward_tokens,
+                    "speedup": t_seed / t_a, "top5_recall": overall,
+                    "top5_recall_per_response": per}
+
+    if args["vllm"]:
+        from scoring_kit.backends.vllm import VLLMScorer
+        from scoring_kit.scoring.matrix import ascore_memories
+
+        async def through_vllm() -> Any:
+            v = VLLMScorer(args["vllm"], model=args["vllm_model"])
+            try:
+                return await ascore_memories(ctx, v, progress=False)
+            finally:
+                await v.aclose()
+
+        import asyncio
+
+        t0 = time.perf_counter()
+        vm = asyncio.run(through_vllm())
+        t_v = time.perf_counter() - t0
+        out["vllm"] = {"s": t_v, "engine_over_vllm": t_v / t_exact,
+                       "max_abs_diff": float(np.nanmax(np.abs(vm.divergence - exact_m.divergence)))}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _child(q: Any, tokens: int, memories: int, layout: str, args: dict[str, Any]) -> None:
+    try:
+        q.put(_point(tokens, memories, layout, args))
+    except Exception as exc:  # reported in the table, the run goes on
+        q.put({"target_tokens": tokens, "memories": memories, "layout": layout,
+               "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, tokens, memories, layout, args))
+    p.start()
+    res: dict[str, Any] = q.get()
+    p.join()
+    return res
+
+
+def _print_row(r: dict[str, Any], ways: list[str]) -> None:
+    if "error" in r:
+        print(f"{r['target_tokens']:>6} {r['memories']:>4} {r['layout']:<5} FAILED: {r['error']}")
+        return
+    print(f"{r['prompt_tokens']:>6} {r['memories']:>4} {r['layout']:<5} bound "
+          f"{r['bound']:5.2f}x  seed {r['seed']['s']:8.1f} s ({r['seed']['how'].split(':')[0]})"
+          f"  peak {r['peak_rss_mb']:,.0f} MB")
+    for way in ways:
+        if way not in r:
+            continue
+        w = r[way]
+        extra = (f"{w['share_of_bound']:.0%} of bound, {w['tokens_vs_min']:.2f}x min tokens"
+                 if way == "exact" else
+                 f"top-5 recall {w['top5_recall']:.2f} / {w['top5_recall_per_response']:.2f}")
+        print(f"        {way:<9}{w['s']:>9.1f} s {w['speedup']:>7.1f}x {w['forward_tokens']:>10,}"
+              f" tok  {extra}")
+    if "vllm" in r:
+        print(f"        vllm     {r['vllm']['s']:>9.1f} s  = {r['vllm']['engine_over_vllm']:.2f}x "
+              f"the engine's exact time; max |diff| {r['vllm']['max_abs_diff']:.1e}")
+
+
+def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> None:
+    """Cost (s) against N at the largest L and against L at N = 64, one line per way."""
+    import altair as alt
+    import polars as pl
+
+    recs = []
+    for r in rows:
+        if "error" in r:
+            continue
+        for way in ["seed", *ways, "vllm"]:
+            if way in r:
+                recs.append({"way": way, "layout": r["layout"], "L": r["target_tokens"],
+                             "N": r["memories"], "seconds": r[way]["s"]})
+    if not recs:
+        return
+    df = pl.DataFrame(recs)
+    top_l = int(df["L"].max())  # type: ignore[arg-type]
+    n_fixed = 64 if 64 in df["N"].to_list() else int(df["N"].max())  # type: ignore[arg-type]
+
+    def panel(data: pl.DataFrame, x: str, title: str) -> alt.Chart:
+        return alt.Chart(data).mark_line(point=True).encode(
+            x=alt.X(f"{x}:Q", scale=alt.Scale(type="log", base=2)),
+            y=alt.Y("seconds:Q", scale=alt.Scale(type="log"), title="wall time (s)"),
+            color="way:N", strokeDash="layout:N",
+        ).properties(title=title, width=320, height=240)
+
+    chart = alt.hconcat(
+        panel(df.filter(pl.col("L") == top_l), "N", f"cost against N (L = {top_l})"),
+        panel(df.filter(pl.col("N") == n_fixed), "L", f"cost against L (N = {n_fixed})"),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chart.save(str(path), scale_factor=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scoring_kit.evaluation.cases import default_locomo_path
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", type=_parse_grid, default=_parse_grid(DEFAULT_GRID),
+                    help=f"TOKENSxMEMORIES points (default {DEFAULT_GRID})")
+    ap.add_argument("--layouts", default="even,late")
+    ap.add_argument("--ways", default=DEFAULT_WAYS,
+                    help="comma list of exact (always runs), w<N>, w<N>+r<share>, hier")
+    ap.add_argument("--seed-budget", type=float, default=240.0,
+                    help="time the seed's way where its estimate fits this many seconds, "
+                         "else estimate it from its tokens (default 240)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--locomo", type=Path, default=default_locomo_path())
+    ap.add_argument("--vllm", default=None, metavar="URL",
+                    help="also score the exact matrix through --backend vllm at URL")
+    ap.add_argument("--vllm-model", default=None)
+    ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench-scale.json")
+    ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "scale-growth.png")
+    args = ap.parse_args(argv)
+    ways = [w for w in args.ways.split(",") if w]
+    for w in ways:
+        m = re.fullmatch(r"w(\d+)(?:\+r(\d*\.?\d+))?", w)
+        ok = w in ("exact", "hier") or (
+            m is not None and int(m[1]) >= 1 and (m[2] is None or 0.0 < float(m[2]) <= 1.0))
+        if not ok:
+            ap.error(f"--ways: unknown way {w!r} (exact, w<N>, w<N>+r<share in (0, 1]>, hier)")
+    child_args = {"device": args.device, "locomo": str(args.locomo), "ways": ways,
+                  "seed_budget": args.seed_budget, "vllm": args.vllm,
+                  "vllm_model": args.vllm_model}
+    t0 = time.perf_counter()
+    rows = []
+    for tokens, memories in args.grid:
+        for layout in args.layouts.split(","):
+            r = run_point(tokens, memories, layout, child_args)
+            rows.append(r)
+            _print_row(r, ways)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
+    growth_chart(rows, ways, args.chart)
+    print(f"total {time.perf_counter() - t0:.0f} s; figures in {args.json}, chart {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
