@@ -52,7 +52,7 @@ LLAMA_BUILD_TIMEOUT = 900.0
 #: the kit's 13, so the echo backend's text path does not line up yet.
 LLAMA_NOT_READY: str | None = (
     "llama-cpp-python 0.3.36: the echo backend's text-prompt path is not finished (id prompts "
-    "get 500, /tokenize is 404, the text tokenizes to other ids); see docs/pending/h-vllm.md"
+    "get 500, /tokenize is 404, the text tokenizes to other ids); see README, backend table"
 )
 #: vLLM's KV cache (1 GiB: ~22k tokens of SmolLM2-135M in float32).
 KV_CACHE_BYTES = 1 << 30
