@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
-from ._sync import run_sync
+from ._sync import run_sync, takes_params_of
 from ._types import PathLike
 
 if TYPE_CHECKING:
@@ -132,27 +132,7 @@ class Session:
         return f"Session({self.scorer.name} at {where})"
 
 
-def open_session(
-    server: str | None = None,
-    *,
-    backend: str = "auto",
-    model: str | None = None,
-    api_key: str | None = None,
-    model_path: PathLike | None = None,
-    device: str | None = None,
-    embedded: Literal["server", "inprocess"] = "server",
-    concurrency: int = 4,
-    train_dir: PathLike | None = None,
-) -> Session:
-    """Open a :class:`Session` (same parameters)."""
-    return Session(
-        server,
-        backend=backend,
-        model=model,
-        api_key=api_key,
-        model_path=model_path,
-        device=device,
-        embedded=embedded,
-        concurrency=concurrency,
-        train_dir=train_dir,
-    )
+@takes_params_of(Session)
+def open_session(*args: Any, **kwargs: Any) -> Session:
+    """Open a :class:`Session` (its parameters, shown by :func:`inspect.signature`)."""
+    return Session(*args, **kwargs)
