@@ -7,6 +7,7 @@ No client and no state: :mod:`~scoring_kit.backends.detect` (the probes) and
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -18,7 +19,7 @@ from .. import _settings
 from .._exceptions import ConfigError, ProtocolError
 from .._settings import API_KEY_ENV
 from .._types import FloatArray
-from ..wire import CompletionRequest
+from ..wire import VLLM_NEG_INF, CompletionRequest
 
 __all__ = [
     "API_KEY_ENV",
@@ -206,3 +207,11 @@ def completion_body(request: CompletionRequest, model: str | None) -> dict[str, 
     if request.seed is not None:
         body["seed"] = request.seed
     return body
+
+
+def logprob_value(value: object) -> float | None:
+    """One logprob of a JSON answer as a float (vLLM's ``-9999.0`` stand-in and anything
+    below it is ``-inf``), or None when it is not a number (the caller names where)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return -math.inf if value <= VLLM_NEG_INF else float(value)

@@ -31,7 +31,6 @@ be scored; longer prompts are refused locally when the context is known.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,10 +39,9 @@ import numpy as np
 
 from .._exceptions import ProtocolError, ScoringAPIError
 from .._types import FloatArray
-from ..wire import VLLM_NEG_INF
 from ._common import BackendPromptError, StockHTTPBackend
 from ._retry import RetryPolicy
-from ._util import choice_text, completion_body, empty_scores, normalise_url
+from ._util import choice_text, completion_body, empty_scores, logprob_value, normalise_url
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 from .detect import ECHO_PROBE_PROMPT, echo_probe_body, is_echo_answer
 
@@ -108,10 +106,11 @@ def sum_token_logprobs(
         total = 0.0
         for t in range(a, b):
             value = token_logprobs[t]
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            lp = logprob_value(value)
+            if lp is None:
                 msg = f"{what}: token_logprobs[{t}] is {value!r}, not a number"
                 raise ProtocolError(msg, backend="echo")
-            total += -math.inf if value <= VLLM_NEG_INF else float(value)
+            total += lp
         out[k] = total
     return out
 

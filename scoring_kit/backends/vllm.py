@@ -29,7 +29,6 @@ Notes
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Unpack
@@ -40,7 +39,7 @@ from .._exceptions import CostWarning, ProtocolError, ScoringAPIError
 from .._types import FloatArray
 from ..wire import VLLM_NEG_INF
 from ._common import BackendPromptError, HTTPOptions, StockHTTPBackend, with_http_options
-from ._util import choice_text, completion_body, empty_scores
+from ._util import choice_text, completion_body, empty_scores, logprob_value
 from .base import CompletionRequest, ScoreRequest, gather_in_order
 
 if TYPE_CHECKING:
@@ -128,10 +127,11 @@ def sum_prompt_logprobs(
                 )
                 raise ProtocolError(msg, backend="vllm")
             value = item.get("logprob") if isinstance(item, Mapping) else item
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            lp = logprob_value(value)
+            if lp is None:
                 msg = f"{what}: prompt_logprobs[{t}][{token!r}] logprob is {value!r}, not a number"
                 raise ProtocolError(msg, backend="vllm")
-            total += -math.inf if value <= VLLM_NEG_INF else float(value)
+            total += lp
         out[k] = total
     return out
 
