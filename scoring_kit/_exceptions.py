@@ -47,6 +47,7 @@ __all__ = [
     "ScoringKitWarning",
     "ServerBusy",
     "StoreError",
+    "TokenizerMismatch",
 ]
 
 
@@ -180,6 +181,16 @@ class DetectionError(BackendError):
 
 class ConfigError(ScoringKitError, ValueError):
     """A bad argument or setting; the message names it, the allowed range and the value."""
+
+
+class TokenizerMismatch(ConfigError):
+    """The kit's tokenizer reads text differently from the served model's (one line: both
+    tokenizers, the first differing token, and the option that fixes it)."""
+
+    def __init__(self, msg: str, *, tokenizer: str, served_model: str | None) -> None:
+        super().__init__(msg)
+        self.tokenizer = tokenizer
+        self.served_model = served_model
 
 
 class ServerBusy(ScoringKitError):

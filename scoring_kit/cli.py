@@ -291,8 +291,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .analysis.charts import heatmap
     from .analysis.export import save_chart
 
+    check = sess.tokenizer_check
     matrix = dataclasses.replace(matrix, meta={
-        "chat_template": _template_info(ctx), "score_span": ctx.score_span, **matrix.meta})
+        "chat_template": _template_info(ctx), "score_span": ctx.score_span,
+        "tokenizer_check": check.as_meta() if check is not None else None, **matrix.meta})
     # --out is the run's own folder: its files are replaced on a rerun
     matrix.save(out / "matrix.parquet", overwrite=True)
     matrix.save(out / "matrix.npz", overwrite=True)

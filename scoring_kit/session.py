@@ -18,6 +18,7 @@ from ._types import PathLike
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from .backends.agreement import TokenizerCheck
     from .backends.base import Scorer
     from .context.formats import AgentReading
     from .context.model import ContextState
@@ -73,6 +74,10 @@ class Session:
             msg = f"backend {backend!r} needs a server URL (--server)"
             raise ConfigError(msg)
         self.url: str | None = server
+        self._api_key = api_key
+        #: the last tokenizer agreement check (see :meth:`check_tokenizer`)
+        self.tokenizer_check: TokenizerCheck | None = None
+        self._checked: list[tuple[HFTokenizer, TokenizerCheck]] = []
         self.scorer: Scorer = make_scorer(
             server,
             backend="local" if server is None else backend,
@@ -106,7 +111,46 @@ class Session:
         tok = self._tokenizer
         if tok is None and sniff_format(path) == "plain":
             tok = self.tokenizer
-        return load_context(path, tok, reading=reading, **self.render_options)
+        ctx = load_context(path, tok, reading=reading, **self.render_options)
+        if tok is not None:
+            self.check_tokenizer(tok)
+        else:
+            log.warning("tokenizer agreement not checked: %s is pre-tokenized (tokenizer %r) "
+                        "and no tokenizer is loaded; its ids must be the served model's",
+                        path, ctx.tokenizer_name)
+        return ctx
+
+    def check_tokenizer(self, tokenizer: HFTokenizer | None = None) -> TokenizerCheck:
+        """Check (once per tokenizer) that ``tokenizer`` (default: :attr:`tokenizer`) reads
+        a probe text as the scorer's model does: one ``POST /tokenize`` to the server, or a
+        comparison with the in-process engine's tokenizer. :meth:`load` calls it before any
+        scoring call.
+
+        Raises
+        ------
+        TokenizerMismatch
+            The served model tokenizes differently; the message names the option to pass.
+        """
+        from .backends.agreement import check_tokenizer, check_tokenizer_local
+
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        done = next((c for t, c in self._checked if t is tok), None)
+        if done is None:
+            if self.url is None:
+                if self.engine is None:  # pragma: no cover - a server URL or an engine
+                    raise ConfigError("no server and no engine to check the tokenizer against")
+                done = check_tokenizer_local(tok, self.engine.tokenizer)
+            else:
+                det = getattr(self.scorer, "detection", None)
+                done = run_sync(check_tokenizer(
+                    self.url, tok, api_key=self._api_key,
+                    served_model=getattr(det, "model", None) or getattr(self.scorer, "model", None),
+                    max_model_len=getattr(det, "max_model_len", None)))
+            if done.status != "agree":
+                log.warning("%s", done.describe())
+            self._checked.append((tok, done))
+        self.tokenizer_check = done
+        return done
 
     def close(self) -> None:
         try:

@@ -405,6 +405,21 @@ def test_tokenize_detokenize(client: httpx.Client, engine: Any, ids: list[int]) 
     _error(resp, 400, f"token id {engine.vocab_size + 1}", f"[0, {engine.vocab_size})")
 
 
+def test_tokenize_messages_applies_the_served_template(client: httpx.Client, engine: Any) -> None:
+    """vLLM's chat shape: the served tokenizer's own template, a generation prompt by default."""
+    msgs = [{"role": "user", "content": "Which instrument do I play?"}]
+    text = engine.tokenizer.hf.apply_chat_template(msgs, tokenize=False,
+                                                   add_generation_prompt=True)
+    data = client.post("/tokenize", json={"messages": msgs}).json()
+    assert data["tokens"] == engine.tokenizer.encode(text)
+    assert data["count"] == len(data["tokens"]) and data["max_model_len"] == engine.max_len
+    plain = client.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False})
+    assert plain.json()["count"] < data["count"]
+    _error(client.post("/tokenize", json={"messages": [{"role": "user"}]}), 400,
+           "messages[0]", "`role` and `content` must be strings")
+    _error(client.post("/tokenize", json={"messages": []}), 400, "messages")
+
+
 # --------------------------------------------------------------------------- train
 
 

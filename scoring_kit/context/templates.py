@@ -53,6 +53,7 @@ __all__ = [
     "TemplateRendering",
     "default_placement",
     "load_template",
+    "render_chat",
     "render_template_context",
     "resolve_template",
 ]
@@ -169,6 +170,33 @@ def load_template(spec: str | os.PathLike[str], tokenizer: Tokenizer | None = No
         raise ConfigError(f"--chat-template {s!r}: the file is empty")
     _compile(src, origin=repr(s))
     return ChatTemplate(p.stem, src, origin=str(p))
+
+
+def render_chat(
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The text ``template`` renders for chat ``messages`` (``tokenizer.apply_chat_template``
+    without tokenizing; the server's ``/tokenize`` with ``messages``).
+
+    Raises
+    ------
+    ConfigError
+        The template raised (its own message is quoted).
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        out = render_jinja_template(conversations=[list(messages)],
+                                    chat_template=template.source,
+                                    add_generation_prompt=add_generation_prompt,
+                                    **_special_tokens(tokenizer))
+    except Exception as e:
+        raise ConfigError(f"chat template {template.origin}: {type(e).__name__}: {e}") from e
+    return str(out[0][0])
 
 
 def default_placement(template: ChatTemplate) -> MemoryPlacement:

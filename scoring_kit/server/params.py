@@ -31,6 +31,7 @@ from ._fields import (
     show,
     token_list,
     tokens_field,
+    type_name,
     wrong_type,
 )
 
@@ -390,22 +391,44 @@ def _generate_prompt(body: Mapping[str, Any]) -> tuple[int, ...] | str:
 
 @dataclass(frozen=True, slots=True)
 class TokenizeParams:
-    """``POST /tokenize``: a string prompt."""
+    """``POST /tokenize``: a string ``prompt``, or chat ``messages`` (vLLM's two shapes).
 
-    prompt: str
+    ``messages`` are rendered through the served model's chat template
+    (``add_generation_prompt`` defaults to true, as in vLLM).
+    """
+
+    prompt: str | None
     return_token_strs: bool = False
+    messages: tuple[dict[str, str], ...] | None = None
+    add_generation_prompt: bool = True
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], limits: ModelLimits) -> TokenizeParams:
         _model(body)
+        want_strs = bool_field(body, "return_token_strs", default=False)
+        bool_field(body, "add_special_tokens", default=True)  # accepted; the tokenizer adds none
         if "messages" in body and "prompt" not in body:
-            raise RequestError(400, "chat `messages` are not supported by /tokenize; send `prompt`")
+            return cls(None, want_strs, _chat_messages(body["messages"]),
+                       bool_field(body, "add_generation_prompt", default=True))
         text = field(body, "prompt", "", MISSING)
         if not isinstance(text, str):
             raise wrong_type("prompt", "a string", text)
-        want_strs = bool_field(body, "return_token_strs", default=False)
-        bool_field(body, "add_special_tokens", default=True)  # accepted; the tokenizer adds none
         return cls(text, want_strs)
+
+
+def _chat_messages(raw: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise wrong_type("messages", "a non-empty list of {role, content}", raw)
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, Mapping):
+            raise wrong_type(f"messages[{i}]", "an object {role, content}", m)
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}]: `role` and `content` must be strings "
+                                    f"(got {type_name(role)}, {type_name(content)})")
+        out.append({"role": role, "content": content})
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

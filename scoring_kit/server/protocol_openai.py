@@ -14,12 +14,15 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._fields import RequestError
 from .params import CompletionParams, DetokenizeParams, TokenizeParams
 from .protocol_score import SERVER_NAME
 from .service import Service, engine_top_k, prompt_token_logprobs, token_logprob
 
 if TYPE_CHECKING:
     from starlette.requests import Request
+
+    from ..context.tokenizer import Tokenizer
 
 __all__ = ["completions", "detokenize", "models", "tokenize"]
 
@@ -121,12 +124,16 @@ def _completion_body(
 
 
 async def tokenize(svc: Service, request: Request) -> Any:
-    """``POST /tokenize`` (vLLM): ``{prompt}`` → ``{tokens, count, max_model_len, token_strs}``."""
+    """``POST /tokenize`` (vLLM): ``{prompt}`` or ``{messages}`` (rendered through the served
+    model's chat template) → ``{tokens, count, max_model_len, token_strs}``."""
     p = TokenizeParams.parse(await svc.body(request), svc.limits)
     tok = svc.engine.tokenizer
+    text = p.prompt
+    if p.messages is not None:
+        text = _render(tok, p.messages, generation=p.add_generation_prompt)
 
     def job() -> dict[str, Any]:
-        ids = [int(t) for t in tok.encode(p.prompt)]
+        ids = [int(t) for t in tok.encode(text or "")]
         strs: list[str] | None = None
         if p.return_token_strs:
             hf = getattr(tok, "hf", None)
@@ -143,6 +150,27 @@ async def tokenize(svc: Service, request: Request) -> Any:
         }
 
     return await svc.worker.run(job)
+
+
+def _render(tok: Tokenizer, messages: Sequence[dict[str, str]], *, generation: bool) -> str:
+    """The served model's chat template over ``messages``: the tokenizer's own, else the
+    kit's ChatML for a ChatML vocabulary; a model with neither gets a 400 (as in vLLM)."""
+    from .._exceptions import ConfigError
+    from ..context.templates import CHATML_TEMPLATE, ChatTemplate, render_chat
+
+    own = getattr(tok, "chat_template", None)
+    if isinstance(own, str):
+        tpl = ChatTemplate("tokenizer", own, origin=f"tokenizer {tok.name!r}")
+    elif tok.im_start_id is not None:
+        tpl = ChatTemplate("chatml", CHATML_TEMPLATE, origin="built-in 'chatml'")
+    else:
+        msg = (f"the served model {tok.name!r} has no chat template: send `prompt`, or render "
+               "the messages on the client (scoring-kit --chat-template)")
+        raise RequestError(400, msg)
+    try:
+        return render_chat(tpl, tok, messages, add_generation_prompt=generation)
+    except ConfigError as exc:
+        raise RequestError(400, str(exc)) from exc
 
 
 async def detokenize(svc: Service, request: Request) -> Any:
