@@ -106,3 +106,86 @@ def test_prefix_reused_ablations_equal_a_full_forward_pass(gemma: Any) -> None:
         ref = full_forward(gemma, tokens, ranges)
         np.testing.assert_allclose(g, ref, atol=1e-3)
         np.testing.assert_allclose(gb, ref, atol=1e-3)
+
+
+# ── the sample conversation on Gemma, served and in-process (issue 16, done-when) ──
+@pytest.fixture(scope="module")
+def gemma_server(gemma: Any) -> Any:
+    from scoring_kit.server.runner import EmbeddedServer
+
+    with EmbeddedServer(gemma) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gemma_ctx(gemma: Any) -> Any:
+    return load_context(SAMPLE, gemma.tokenizer, chat_template="gemma")
+
+
+def test_sample_matrix_served_equals_in_process(gemma: Any, gemma_server: Any,
+                                                gemma_ctx: Any) -> None:
+    import asyncio
+
+    from scoring_kit.backends.http import ScoreClient
+    from scoring_kit.backends.local import LocalScorer
+    from scoring_kit.scoring import score_memories
+
+    local = score_memories(gemma_ctx, LocalScorer(gemma), progress=False)
+    client = ScoreClient(gemma_server.url)
+    try:
+        served = score_memories(gemma_ctx, client, progress=False)
+    finally:
+        asyncio.run(client.aclose())
+    assert served.complete and served.shape == local.shape == (8, 13)
+    np.testing.assert_allclose(served.baseline, local.baseline, atol=1e-3)
+    np.testing.assert_allclose(served.without, local.without, atol=1e-3)
+    # the violin answer leans on the note that names the violin
+    j = served.response_texts.index("You play the violin.")
+    assert served.keys[int(np.argmax(served.divergence[:, j]))] == "D2:5"
+
+
+def test_finetune_candidates_through_the_gemma_server(gemma_server: Any, gemma_ctx: Any) -> None:
+    import asyncio
+
+    from scoring_kit.backends.http import ScoreClient
+    from scoring_kit.scoring.finetune import score_finetune_candidates
+
+    client = ScoreClient(gemma_server.url)
+    try:
+        cands, _ = score_finetune_candidates(gemma_ctx, client, threshold=0.0)
+    finally:
+        asyncio.run(client.aclose())
+    assert cands and all(np.isfinite(c.divergence) and c.divergence >= 0 for c in cands)
+    bos = gemma_ctx.wire_prompt().tokens[0]  # Gemma's ids (its <bos> first), not SmolLM2's
+    assert all(max(c.context_ids) < 262144 and c.context_ids[0] == bos for c in cands)
+
+
+def test_smollm2_conversation_to_gemma_server_is_refused(
+    gemma: Any, gemma_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default (SmolLM2) tokenizer against a Gemma server: exit 2, one line, no scoring."""
+    from scoring_kit.cli import main
+
+    gemma.reset_stats()
+    code = main(["score", str(SAMPLE), "--server", gemma_server.url, "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "tokenizer mismatch" in err and "SmolLM2-135M-Instruct" in err
+    assert "gemma-3-270m" in err and "--tokenizer" in err
+    assert gemma.stats.forward_passes == 0  # refused before any scoring call
+
+
+def test_gemma_conversation_to_smollm2_server_is_refused(
+    gemma: Any, server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scoring_kit.cli import main
+
+    folder = tmp_path / "gemma-tokenizer"
+    gemma.tokenizer.hf.save_pretrained(folder)
+    code = main(["score", str(SAMPLE), "--server", server_url, "--tokenizer", str(folder),
+                 "--chat-template", "gemma", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "tokenizer mismatch" in err and "'gemma-tokenizer'" in err
+    assert "SmolLM2-135M-Instruct" in err

@@ -84,6 +84,10 @@ def test_matrix_through_cli_equals_local(
     got = MemoryMatrix.load(out / "matrix.parquet")
     ref = local_matrix
     assert got.meta["backend"] == "vllm" and ref.meta["backend"] == "local"
+    # the tokenizer agreement check went through vLLM's own /tokenize first
+    check = got.meta["tokenizer_check"]
+    assert check["status"] == "agree" and check["endpoint"] == "POST /tokenize", check
+    assert check["max_model_len"] == MAX_MODEL_LEN
     assert got.complete and got.keys == ref.keys and got.shape == ref.shape == (8, 13)
     assert np.array_equal(got.entries, ref.entries)
     worst = {
@@ -97,6 +101,28 @@ def test_matrix_through_cli_equals_local(
     top_got = np.argmax(got.divergence, axis=0)
     top_ref = np.argmax(ref.divergence, axis=0)
     assert (top_got == top_ref).mean() >= 12 / 13
+
+
+def test_tokenizer_of_another_model_is_refused(vllm_server: RealServer, tokenizer: Any) -> None:
+    """The probe text read by another tokenizer (every id moved by one) against real vLLM."""
+    from scoring_kit._exceptions import TokenizerMismatch
+    from scoring_kit.backends.agreement import check_tokenizer
+
+    class Other:
+        name, vocab_size = "other-model", tokenizer.vocab_size
+        im_start_id = im_end_id = None
+
+        def encode(self, text: str) -> list[int]:
+            return [t + 1 for t in tokenizer.encode(text)]
+
+        def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
+            return str(tokenizer.decode(ids))
+
+    ok = _run(check_tokenizer(vllm_server.url, tokenizer, api_key=vllm_server.key))
+    assert ok.status == "agree" and ok.max_model_len == MAX_MODEL_LEN
+    with pytest.raises(TokenizerMismatch, match=r"'other-model'.*--tokenizer"):
+        _run(check_tokenizer(vllm_server.url, Other(), api_key=vllm_server.key,
+                             served_model=MODEL))
 
 
 def test_candidates_with_alternates(
