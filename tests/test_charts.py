@@ -575,7 +575,5 @@ def test_quiet_hides_library_noise_not_the_kits_warnings() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         _quiet_libraries()
-        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning,
-                      stacklevel=1)
         warnings.warn("vLLM scores every prompt token", CostWarning, stacklevel=1)
     assert [type(w.message) for w in caught] == [CostWarning]

@@ -21,7 +21,6 @@ import functools
 import html
 import json
 import uuid
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -97,9 +96,8 @@ def enable_notebook(*, quiet: bool = True) -> None:
 
     Registers and enables the Altair renderer :data:`RENDERER` (see the module docstring;
     ``alt.renderers.enable("default")`` goes back to Altair's). With ``quiet`` the
-    transformers / huggingface_hub progress bars and info logs are switched off and
-    transformers' ``past_key_values`` FutureWarning is ignored (the kit's own warnings,
-    for example :class:`~scoring_kit.CostWarning`, are untouched).
+    transformers / huggingface_hub progress bars and info logs are switched off (the kit's
+    own warnings, for example :class:`~scoring_kit.CostWarning`, are untouched).
     Calling it again is harmless.
     """
     alt = _alt()
@@ -111,11 +109,6 @@ def enable_notebook(*, quiet: bool = True) -> None:
 
 
 def _quiet_libraries() -> None:
-    # transformers' deprecation of the forward argument the engine passes (once per
-    # kernel, from inside torch); the kit's own warnings are ScoringKitWarning and stay.
-    warnings.filterwarnings(
-        "ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning
-    )
     try:
         import transformers
     except ImportError:  # pragma: no cover - the engine extra is optional

@@ -82,6 +82,12 @@ class Forward:
 
         #: Gemma 3's sliding-window size (its sliding layers get their own mask), else None
         self._window = sliding_window(model.config)
+        import inspect
+
+        #: the KV-cache keyword of this transformers: ``cache`` (5.2x; ``past_key_values``
+        #: there is deprecated and warns), else ``past_key_values``
+        params = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @staticmethod
     def inference_mode() -> AbstractContextManager[Any]:
@@ -145,8 +151,8 @@ class Forward:
             input_ids=ids,
             position_ids=pos,
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
         )
         self.stats.forward_passes += 1
         hidden: torch.Tensor = out.last_hidden_state
