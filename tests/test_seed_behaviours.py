@@ -216,6 +216,7 @@ def test_cli_score_saves_the_scored_context(tmp_path: Path, capsys: pytest.Captu
 
     class FakeSession:
         scorer = PrefixScorer()
+        tokenizer_check = None
 
         def __enter__(self) -> FakeSession:
             return self
