@@ -2,13 +2,16 @@
 
 ``open_session(None)`` loads the embedded model and serves it on 127.0.0.1 (random port)
 from a background thread, then talks to it over HTTP with the same client a real server
-gets; ``open_session("http://gpu-box:8000", backend="auto")`` probes a real server instead.
+gets; ``open_session("http://gpu-box:8000", backend="auto")`` probes a real server instead,
+and ``open_session(["http://gpu-a:8000", "http://gpu-b:8000"])`` spreads the calls over
+several replicas of one model (:class:`~scoring_kit.backends.replicas.ReplicaPool`).
 ``embedded="inprocess"`` skips HTTP and uses the engine directly.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
@@ -31,11 +34,15 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    """A scorer plus what it needs; use as a context manager or call :meth:`close`."""
+    """A scorer plus what it needs; use as a context manager or call :meth:`close`.
+
+    ``server``: a URL, a list of URLs (replicas of one model: calls are spread over them and
+    a failing replica's calls retried on another), or ``None`` for the embedded model.
+    """
 
     def __init__(
         self,
-        server: str | None = None,
+        server: str | Sequence[str] | None = None,
         *,
         backend: str = "auto",
         model: str | None = None,
@@ -55,6 +62,8 @@ class Session:
         #: chat-template keywords for plain conversations (``chat_template``,
         #: ``memory_placement``, ``score_span``; see ``load_context``)
         self.render_options: dict[str, Any] = {}
+        if server is not None and not isinstance(server, str):
+            server = list(server) or None  # [] is no server; [url] is that url
         if server is None and backend in ("auto", "local", "score"):
             from .engine.engine import Engine
 
@@ -72,7 +81,10 @@ class Session:
         elif server is None:
             msg = f"backend {backend!r} needs a server URL (--server)"
             raise ConfigError(msg)
-        self.url: str | None = server
+        #: every server URL (several for replicas); :attr:`url` is the first
+        self.urls: tuple[str, ...] = (
+            () if server is None else (server,) if isinstance(server, str) else tuple(server))
+        self.url: str | None = self.urls[0] if self.urls else None
         self.scorer: Scorer = make_scorer(
             server,
             backend="local" if server is None else backend,
@@ -128,7 +140,7 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        where = self.url or "in-process"
+        where = ", ".join(self.urls) or "in-process"
         return f"Session({self.scorer.name} at {where})"
 
 
