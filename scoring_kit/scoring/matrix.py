@@ -202,15 +202,21 @@ async def ascore_memories(
     finally:
         if bar is not None:
             bar.close()
-    meta["failed_calls"] = sum(e is not None for e in errors)
-    stats = getattr(scorer, "stats", None)
-    if stats is not None:
-        meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
-    meta.update(scorer_meta(scorer))
+    meta.update(_run_facts(scorer, errors))
     result = build()
     if write_back is not None:
         write_back.matrix(result)
     return result
+
+
+def _run_facts(scorer: Scorer, errors: Sequence[str | None]) -> dict[str, Any]:
+    """What a finished run adds to ``meta``: failed calls, computed tokens, the scorer's
+    own facts (a replica pool: each replica's calls and failures)."""
+    facts: dict[str, Any] = {"failed_calls": sum(e is not None for e in errors)}
+    stats = getattr(scorer, "stats", None)
+    if stats is not None:
+        facts["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
+    return {**facts, **scorer_meta(scorer)}
 
 
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
