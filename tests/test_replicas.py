@@ -1,8 +1,9 @@
 """Several servers (issue 19 item 4): ``make_scorer([a, b])`` / ``--server A --server B`` give
 a :class:`~scoring_kit.backends.replicas.ReplicaPool`. Two embedded servers share the one
-session engine (its lock serialises their calls); each is wrapped in a :class:`Switch` (an ASGI wrapper) that records the
-scoring requests it answered and can stop its server right after its k-th one, so a replica
-dies mid-run at a known point (no sleeps). httpx.MockTransport only for a read timeout."""
+session engine (its lock serialises their calls); each is wrapped in a :class:`Switch` (an
+ASGI wrapper) that records the scoring requests it answered and can stop its server right
+after its k-th one, so a replica dies mid-run at a known point (no sleeps).
+httpx.MockTransport only for a read timeout, which a real server cannot be made to give."""
 
 from __future__ import annotations
 
