@@ -86,9 +86,11 @@ def _add_server(p: argparse.ArgumentParser) -> None:
     from .backends.registry import backend_names
 
     g = p.add_argument_group("server (default: the embedded model, no server needed)")
-    g.add_argument("--server", metavar="URL", default=_settings.server(),
-                   help="base URL of a scoring server (env SCORING_KIT_SERVER); without it the "
-                        "embedded SmolLM2-135M-Instruct runs in a server this command starts")
+    g.add_argument("--server", metavar="URL", action="append", default=None,
+                   help="base URL of a scoring server (env SCORING_KIT_SERVER); again for "
+                        "replicas of one model (calls spread, a failing one's retried on the "
+                        "others); without it the embedded SmolLM2-135M-Instruct runs in a "
+                        "server this command starts")
     g.add_argument("--backend", default="auto",
                    choices=backend_names(),
                    help="protocol: the seed's /score, stock vLLM (/v1/completions "
@@ -137,11 +139,17 @@ def _reading(args: argparse.Namespace) -> Any:
                         score_tool_calls=args.score_tool_calls, agent=args.agent)
 
 
+def _servers(args: argparse.Namespace) -> list[str] | None:
+    """The ``--server`` URLs (several: replicas), else ``$SCORING_KIT_SERVER``, else None."""
+    env = _settings.server()
+    return args.server or ([env] if env else None)
+
+
 def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .session import Session
 
     sess = Session(
-        args.server,
+        _servers(args),
         backend=args.backend,
         model=args.model,
         api_key=args.api_key,
@@ -382,7 +390,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not todo:
         print("all candidates are already trained; nothing sent")
         return EXIT_OK
-    server = args.server
+    servers = _servers(args)
+    if servers is not None and len(servers) > 1:
+        raise ValueError("train sends to one server: give --server once")
+    server = servers[0] if servers else None
     emb = None
     try:
         if server is None:

@@ -2,13 +2,16 @@
 
 ``open_session(None)`` loads the embedded model and serves it on 127.0.0.1 (random port)
 from a background thread, then talks to it over HTTP with the same client a real server
-gets; ``open_session("http://gpu-box:8000", backend="auto")`` probes a real server instead.
+gets; ``open_session("http://gpu-box:8000", backend="auto")`` probes a real server instead,
+and ``open_session(["http://gpu-a:8000", "http://gpu-b:8000"])`` spreads the calls over
+several replicas of one model (:class:`~scoring_kit.backends.replicas.ReplicaPool`).
 ``embedded="inprocess"`` skips HTTP and uses the engine directly.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
@@ -32,11 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    """A scorer plus what it needs; use as a context manager or call :meth:`close`."""
+    """A scorer plus what it needs; use as a context manager or call :meth:`close`.
+
+    ``server``: a URL, a list of URLs (replicas of one model: calls are spread over them and
+    a failing replica's calls retried on another), or ``None`` for the embedded model.
+    """
 
     def __init__(
         self,
-        server: str | None = None,
+        server: str | Sequence[str] | None = None,
         *,
         backend: str = "auto",
         model: str | None = None,
@@ -56,6 +63,8 @@ class Session:
         #: chat-template keywords for plain conversations (``chat_template``,
         #: ``memory_placement``, ``score_span``; see ``load_context``)
         self.render_options: dict[str, Any] = {}
+        if server is not None and not isinstance(server, str):
+            server = list(server) or None  # [] is no server; [url] is that url
         if server is None and backend in ("auto", "local", "score"):
             from .engine.engine import Engine
 
@@ -73,7 +82,10 @@ class Session:
         elif server is None:
             msg = f"backend {backend!r} needs a server URL (--server)"
             raise ConfigError(msg)
-        self.url: str | None = server
+        #: every server URL (several for replicas); :attr:`url` is the first
+        self.urls: tuple[str, ...] = (
+            () if server is None else (server,) if isinstance(server, str) else tuple(server))
+        self.url: str | None = self.urls[0] if self.urls else None
         self._api_key = api_key
         #: the last tokenizer agreement check (see :meth:`check_tokenizer`)
         self.tokenizer_check: TokenizerCheck | None = None
@@ -142,10 +154,12 @@ class Session:
                 done = check_tokenizer_local(tok, self.engine.tokenizer)
             else:
                 det = getattr(self.scorer, "detection", None)
-                done = run_sync(check_tokenizer(
-                    self.url, tok, api_key=self._api_key,
-                    served_model=getattr(det, "model", None) or getattr(self.scorer, "model", None),
-                    max_model_len=getattr(det, "max_model_len", None)))
+                served = getattr(det, "model", None) or getattr(self.scorer, "model", None)
+                checks = [  # every replica answers for itself (one request each)
+                    run_sync(check_tokenizer(url, tok, api_key=self._api_key, served_model=served,
+                                             max_model_len=getattr(det, "max_model_len", None)))
+                    for url in self.urls]
+                done = next((c for c in checks if c.status != "agree"), checks[0])
             if done.status != "agree":
                 log.warning("%s", done.describe())
             self._checked.append((tok, done))
@@ -172,7 +186,7 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        where = self.url or "in-process"
+        where = ", ".join(self.urls) or "in-process"
         return f"Session({self.scorer.name} at {where})"
 
 

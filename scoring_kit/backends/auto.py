@@ -3,12 +3,16 @@ build the matching backend.
 
 :func:`make_scorer` / :func:`amake_scorer` take ``backend="auto"`` (probe with
 :func:`detect_backend`), a backend name, or no URL at all (the embedded engine
-in-process). ``Detection``, ``DetectionError`` and ``detect_backend`` are re-exported here.
+in-process). A list of URLs gives a :class:`~scoring_kit.backends.replicas.ReplicaPool`
+over them (each URL detected on its own; they must agree). ``Detection``,
+``DetectionError`` and ``detect_backend`` are re-exported here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -82,8 +86,25 @@ def _local_or_none(base_url: str | None, backend: str, engine: Any) -> Scorer | 
     return None
 
 
+def _urls(base_url: str | Sequence[str] | None) -> str | list[str] | None:
+    """One URL as itself; a list of one as that URL; a longer list as a list."""
+    if base_url is None or isinstance(base_url, str):
+        return base_url
+    urls = [str(u) for u in base_url]
+    if not urls:
+        return None
+    return urls[0] if len(urls) == 1 else urls
+
+
+async def _detect(base_url: str, backend: str, api_key: str | None,
+                  transport: httpx.AsyncBaseTransport | None) -> Detection:
+    if backend == "auto":
+        return await detect_backend(base_url, api_key=api_key, transport=transport)
+    return Detection(backend, f"requested explicitly (backend={backend!r})")
+
+
 async def amake_scorer(
-    base_url: str | None,
+    base_url: str | Sequence[str] | None,
     *,
     backend: str = "auto",
     model: str | None = None,
@@ -93,26 +114,26 @@ async def amake_scorer(
     engine: Any = None,
 ) -> Scorer:
     """Async :func:`make_scorer` (same parameters), for use inside a running event loop."""
-    local = _local_or_none(base_url, backend, engine)
+    url = _urls(base_url)
+    local = _local_or_none(url if not isinstance(url, list) else url[0], backend, engine)
     if local is not None:
         return local
-    assert base_url is not None
-    if backend == "auto":
-        detection = await detect_backend(base_url, api_key=api_key, transport=transport)
-    else:
-        detection = Detection(backend, f"requested explicitly (backend={backend!r})")
-    return _build(
-        base_url,
-        detection,
-        model=model,
-        api_key=api_key,
-        concurrency=concurrency,
-        transport=transport,
-    )
+    assert url is not None
+    urls = url if isinstance(url, list) else [url]
+    detections = await asyncio.gather(
+        *(_detect(u, backend, api_key, transport) for u in urls))
+    from .replicas import ReplicaPool, check_replicas_agree
+
+    check_replicas_agree(urls, detections)
+    scorers = [
+        _build(u, d, model=model, api_key=api_key, concurrency=concurrency, transport=transport)
+        for u, d in zip(urls, detections, strict=True)
+    ]
+    return scorers[0] if len(scorers) == 1 else ReplicaPool(scorers, urls=urls)
 
 
 def make_scorer(
-    base_url: str | None,
+    base_url: str | Sequence[str] | None,
     *,
     backend: str = "auto",
     model: str | None = None,
@@ -126,7 +147,11 @@ def make_scorer(
     Parameters
     ----------
     base_url
-        Server URL; ``None`` gives the embedded engine in-process (``LocalScorer``).
+        Server URL; ``None`` gives the embedded engine in-process (``LocalScorer``). A list
+        of URLs (replicas of one model) gives a
+        :class:`~scoring_kit.backends.replicas.ReplicaPool`: calls spread over them, a
+        failing replica's calls retried on another; replicas that differ in backend kind,
+        model or ``max_model_len`` are refused with a one-line ``ConfigError``.
     backend
         ``"auto"`` (probe, see :func:`detect_backend`), ``"score"``, ``"vllm"``,
         ``"sglang"`` or ``"local"``.
@@ -135,7 +160,7 @@ def make_scorer(
     api_key
         Bearer token; ``None`` reads ``$SCORING_KIT_API_KEY``.
     concurrency
-        Requests in flight in ``score_batch``.
+        Requests in flight in ``score_batch`` (per replica).
     transport
         httpx transport replacing the network (tests).
     engine
@@ -149,8 +174,8 @@ def make_scorer(
     Raises
     ------
     ConfigError
-        A ``ValueError``: unknown ``backend`` (the message lists the valid ones), or an
-        HTTP backend with no ``base_url``.
+        A ``ValueError``: unknown ``backend`` (the message lists the valid ones), an
+        HTTP backend with no ``base_url``, or replicas that disagree.
     BackendError
         As for :func:`detect_backend`.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .._types import FloatArray
 from ..backends.base import Scorer
 from ..wire import ScoreRequest
 
-__all__ = ["Ablation", "ascore_ablations", "describe_error"]
+__all__ = ["Ablation", "ascore_ablations", "describe_error", "scorer_meta"]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -28,6 +29,14 @@ def describe_error(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     text = str(exc) or type(exc).__name__
     return f"{text} (status {status})" if status is not None and str(status) not in text else text
+
+
+def scorer_meta(scorer: Scorer) -> dict[str, Any]:
+    """What ``scorer`` adds to a result's ``meta`` after a run: its ``run_meta()`` when it
+    has one (a :class:`~scoring_kit.backends.replicas.ReplicaPool`: each replica's calls
+    and every failure), else nothing."""
+    facts = getattr(scorer, "run_meta", None)
+    return dict(facts()) if callable(facts) else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
-from .ablation import ascore_ablations
+from .ablation import ascore_ablations, scorer_meta
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories, texts_of
 from .restated import restatement_matrix
@@ -249,6 +249,7 @@ async def ascore_memories_hierarchical(
         - before,
         "group_size": gs,
         "descend_threshold": descend_threshold,
+        **scorer_meta(scorer),
     })
 
 
@@ -342,6 +343,7 @@ async def ascore_memories_windowed(
         "exact_calls": len(mem_keys) + 1,
         "prompt_tokens_sent": int(sum(len(r.prompt) for r in reqs)),
         "exact_prompt_tokens": int(exact_tokens),
+        **scorer_meta(scorer),
     }
     memory_texts, response_texts = texts_of(ctx, mem_keys, base_wp.entries)
     return MemoryMatrix(keys=tuple(mem_keys), entries=entries, baseline=baseline,

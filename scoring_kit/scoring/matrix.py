@@ -20,7 +20,7 @@ from .._sync import sync_twin
 from .._types import FloatArray, PathLike
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, WirePrompt, skip_key, visible_text
-from .ablation import ascore_ablations
+from .ablation import ascore_ablations, scorer_meta
 from .divergence import divergence
 from .memory_matrix import (
     MATRIX_COLUMNS,
@@ -178,7 +178,8 @@ async def ascore_memories(
             chunk = todo[c0 : c0 + max(1, chunk_size)]
             # The in-process engine reuses the baseline's KV cache for the ablations in
             # the same batch, so it gets the baseline first in every chunk; a server
-            # already saw it first (its prefix cache is warm) and is not sent it again.
+            # already saw it first (its prefix cache is warm) and is not sent it again;
+            # a replica pool gets it to send to each replica that has not seen it.
             lead = [base_req] if _batch_reuses_prefix(scorer) else []
             reqs = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
                     for i in chunk]
@@ -201,19 +202,27 @@ async def ascore_memories(
     finally:
         if bar is not None:
             bar.close()
-    meta["failed_calls"] = sum(e is not None for e in errors)
-    stats = getattr(scorer, "stats", None)
-    if stats is not None:
-        meta["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
+    meta.update(_run_facts(scorer, errors))
     result = build()
     if write_back is not None:
         write_back.matrix(result)
     return result
 
 
+def _run_facts(scorer: Scorer, errors: Sequence[str | None]) -> dict[str, Any]:
+    """What a finished run adds to ``meta``: failed calls, computed tokens, the scorer's
+    own facts (a replica pool: each replica's calls and failures)."""
+    facts: dict[str, Any] = {"failed_calls": sum(e is not None for e in errors)}
+    stats = getattr(scorer, "stats", None)
+    if stats is not None:
+        facts["computed_tokens"] = int(getattr(stats, "computed_tokens", 0))
+    return {**facts, **scorer_meta(scorer)}
+
+
 def _batch_reuses_prefix(scorer: Scorer) -> bool:
-    """Whether ``scorer`` benefits from the baseline leading every batch."""
-    return getattr(scorer, "name", "") == "local"
+    """Whether ``scorer`` benefits from the baseline leading every batch: the in-process
+    engine, and a scorer that says so (a replica pool sends it to each replica once)."""
+    return getattr(scorer, "name", "") == "local" or bool(getattr(scorer, "lead_each_batch", False))
 
 
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
