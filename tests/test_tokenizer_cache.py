@@ -222,6 +222,20 @@ def test_an_unwritable_cache_warns_and_converts(
     assert sum(conversions.values()) == 1 and tok.hf is smol.hf
 
 
+def test_a_failing_save_warns_and_leaves_no_entry(
+    cache: Path, conversions: Counter[str], smol: HFTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(tok: Any, folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{")
+        raise TypeError("cannot serialise this tokenizer")
+
+    monkeypatch.setattr(loader, "_save_tokenizer", refuse)
+    with pytest.warns(UserWarning, match="cannot serialise"):
+        tok = load_tokenizer()
+    assert tok.hf is smol.hf and tokcache.STATS == {"uncached": 1}
+    assert [p.name for p in cache.iterdir() if not p.name.endswith((".json", ".lock"))] == []
+
+
 _CHILD = textwrap.dedent(
     """
     import json, sys

@@ -173,7 +173,7 @@ def cached(
             tok = convert()
             try:
                 _store(entry, tok, save, _marker(digest, tag))
-            except (OSError, StoreError) as exc:
+            except Exception as exc:  # a full disk, a tokenizer save_pretrained refuses
                 return _uncached(lambda: tok, f"could not write {entry}: {exc}")
             STATS["rebuild" if broken else "build"] += 1
             return tok
