@@ -123,18 +123,84 @@ def _no_gguf_bar() -> Iterator[None]:
         yield
 
 
-def load_tokenizer(model_path: PathLike | None = None) -> HFTokenizer:
-    """Load the tokenizer of ``model_path`` (default: the embedded SmolLM2)."""
+def load_tokenizer(model_path: PathLike | None = None, *, cache: bool | None = None) -> HFTokenizer:
+    """Load the tokenizer of ``model_path`` (default: the embedded SmolLM2).
+
+    A GGUF's tokenizer is converted by transformers once and then read from the kit's cache
+    (``$SCORING_KIT_CACHE/tokenizers/<sha256 of the file>``, see :mod:`.tokcache`);
+    ``cache=False`` or ``SCORING_KIT_TOKENIZER_CACHE=0`` converts it every time (``None``:
+    the setting decides). An HF model folder is read as it is.
+    """
     from ..context.tokenizer import HFTokenizer
 
     loc = resolve_model(model_path)
     transformers = _require_transformers()
+    use_cache = _settings.tokenizer_cache() if cache is None else cache
+    if loc.gguf_file is not None and use_cache:
+        from . import tokcache
+
+        tok = tokcache.cached(
+            loc.directory / loc.gguf_file,
+            tag=f"transformers {transformers.__version__}",
+            convert=lambda: _hf_tokenizer(transformers, loc),
+            load=lambda entry: _load_saved(transformers, entry),
+            save=_save_tokenizer,
+        )
+    else:
+        tok = _hf_tokenizer(transformers, loc)
+    return HFTokenizer(tok, name=loc.name)
+
+
+def _hf_tokenizer(transformers: Any, loc: ModelLocation) -> Any:
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(loc.directory), **loc.hf_kwargs())
+        return transformers.AutoTokenizer.from_pretrained(str(loc.directory), **loc.hf_kwargs())
     except Exception as exc:
         msg = f"could not load the tokenizer from {loc.directory} ({loc.gguf_file}): {exc}"
         raise ModelLoadError(msg, backend="local") from exc
-    return HFTokenizer(tok, name=loc.name)
+
+
+#: what ``save_pretrained`` does not keep but the read-back tokenizer must have, in
+#: ``load_kwargs.json`` next to the tokenizer files
+_KEPT = ("add_bos_token", "add_eos_token", "padding_side", "truncation_side")
+
+
+def _save_tokenizer(tok: Any, folder: Path) -> None:
+    """``save_pretrained``, plus what it leaves out and a quick read-back needs.
+
+    transformers reads ``add_bos_token`` / ``add_eos_token`` back only as arguments (it
+    drops them from tokenizer_config.json when there is a tokenizer.json; a Gemma GGUF's
+    tokenizer says True), a model class's own ``padding_side`` (Gemma: left) is lost when
+    read back as the generic fast class, and without ``added_tokens_decoder`` in the config
+    it parses the whole tokenizer.json in Python once more just for the added tokens.
+    """
+    import json
+
+    tok.save_pretrained(str(folder))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    added = getattr(tok, "added_tokens_decoder", None)
+    if isinstance(added, dict) and "added_tokens_decoder" not in config:
+        config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in added.items()}
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    kept = {k: getattr(tok, k) for k in _KEPT if isinstance(getattr(tok, k, None), (bool, str))}
+    fast = getattr(tok, "is_fast", False) and (folder / "tokenizer.json").is_file()
+    meta = {"kwargs": kept, "class": type(tok).__name__, "fast": bool(fast)}
+    (folder / "load_kwargs.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _load_saved(transformers: Any, folder: Path) -> Any:
+    """Read back what :func:`_save_tokenizer` wrote.
+
+    A fast tokenizer is read as transformers' generic fast class straight from
+    tokenizer.json (the same Rust tokenizer, special tokens and template): a model class
+    such as ``GemmaTokenizer`` would rebuild it from its vocabulary and merges in Python,
+    seconds more for Gemma's 262k entries, to the same result.
+    """
+    import json
+
+    meta = json.loads((folder / "load_kwargs.json").read_text(encoding="utf-8"))
+    cls = transformers.PreTrainedTokenizerFast if meta["fast"] else transformers.AutoTokenizer
+    return cls.from_pretrained(str(folder), **meta["kwargs"])
 
 
 def load_hf_model(
