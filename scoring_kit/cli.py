@@ -16,6 +16,7 @@ from typing import Any
 from . import _settings
 from ._exceptions import (
     BackendError,
+    ConfigError,
     ContextError,
     ExportError,
     MissingDependencyError,
@@ -159,7 +160,9 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
         **kwargs,
     )
     sess.render_options = _render_options(args)
-    if getattr(args, "tokenizer", None):
+    if getattr(args, "tokenizer", None) == SERVER_TOKENIZER:
+        sess.use_server_tokenizer()
+    elif getattr(args, "tokenizer", None):
         from .engine.loader import load_tokenizer_from
 
         sess.set_tokenizer(load_tokenizer_from(args.tokenizer))
@@ -168,6 +171,8 @@ def _session(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 # ── chat template options (issue 16: any chat model) ───────────────
 _SCORE_SPANS = ("turn", "content")
+#: ``--tokenizer server``: read the tokenizer through the server's /tokenize
+SERVER_TOKENIZER = "server"
 _PLACEMENTS = ("message:system", "message:user", "message:tool", "inline")
 
 
@@ -181,9 +186,10 @@ def _add_template(p: argparse.ArgumentParser) -> None:
                    help="where memories go in the template: their own message of that role, "
                         "or inline as a [memory: KEY] block in the next user turn (default "
                         "message:system; inline for gemma)")
-    g.add_argument("--tokenizer", metavar="PATH", default=None,
+    g.add_argument("--tokenizer", metavar="PATH|server", default=None,
                    help="tokenize plain conversations with this tokenizer: an HF folder, a "
-                        "tokenizer.json or a GGUF file (default: --model-path's, or the "
+                        "tokenizer.json or a GGUF file, or `server` (the served model's own, "
+                        "through --server's /tokenize) (default: --model-path's, or the "
                         "embedded model's); it must be the served model's")
     g.add_argument("--score-span", choices=_SCORE_SPANS, default="turn",
                    help="what is scored for a response: the whole assistant turn as rendered "
@@ -219,6 +225,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .context.model import skip_key
 
     tok = None
+    if args.tokenizer == SERVER_TOKENIZER:
+        raise ConfigError("--tokenizer server reads the tokenizer through a server's /tokenize; "
+                          "render has no --server: pass a tokenizer file (PATH)")
     if args.tokenizer:
         from .engine.loader import load_tokenizer_from
 

@@ -11,7 +11,7 @@ several replicas of one model (:class:`~scoring_kit.backends.replicas.ReplicaPoo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .backends.base import Scorer
     from .context.formats import AgentReading
     from .context.model import ContextState
-    from .context.tokenizer import HFTokenizer
+    from .context.tokenizer import Tokenizer
     from .engine.engine import Engine
     from .server.runner import EmbeddedServer
 
@@ -59,7 +59,7 @@ class Session:
         self.model_path = model_path
         self.engine: Engine | None = None
         self.server: EmbeddedServer | None = None
-        self._tokenizer: HFTokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
         #: chat-template keywords for plain conversations (``chat_template``,
         #: ``memory_placement``, ``score_span``; see ``load_context``)
         self.render_options: dict[str, Any] = {}
@@ -89,7 +89,8 @@ class Session:
         self._api_key = api_key
         #: the last tokenizer agreement check (see :meth:`check_tokenizer`)
         self.tokenizer_check: TokenizerCheck | None = None
-        self._checked: list[tuple[HFTokenizer, TokenizerCheck]] = []
+        self._checked: list[tuple[Tokenizer, TokenizerCheck]] = []
+        self._closers: list[Callable[[], None]] = []
         self.scorer: Scorer = make_scorer(
             server,
             backend="local" if server is None else backend,
@@ -100,7 +101,7 @@ class Session:
         )
 
     @property
-    def tokenizer(self) -> HFTokenizer:
+    def tokenizer(self) -> Tokenizer:
         """The tokenizer for plain conversations (the embedded model's unless a path is set)."""
         if self._tokenizer is None:
             from .engine.loader import load_tokenizer
@@ -108,9 +109,21 @@ class Session:
             self._tokenizer = load_tokenizer(self.model_path)
         return self._tokenizer
 
-    def set_tokenizer(self, tokenizer: HFTokenizer) -> None:
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Tokenize plain conversations with ``tokenizer`` (``--tokenizer``)."""
         self._tokenizer = tokenizer
+
+    def use_server_tokenizer(self) -> Tokenizer:
+        """Tokenize through the (first) server's own ``/tokenize`` (``--tokenizer server``;
+        see :class:`~scoring_kit.backends.server_tokenizer.ServerTokenizer`)."""
+        from .backends.server_tokenizer import ServerTokenizer
+
+        if self.url is None:
+            raise ConfigError("--tokenizer server needs a server URL (--server)")
+        tok = ServerTokenizer(self.url, api_key=self._api_key)
+        self._closers.append(tok.close)
+        self._tokenizer = tok
+        return tok
 
     def load(self, path: PathLike, *, reading: AgentReading | None = None) -> ContextState:
         """Load a conversation in any format with this session's tokenizer (``reading``:
@@ -132,7 +145,7 @@ class Session:
                         path, ctx.tokenizer_name)
         return ctx
 
-    def check_tokenizer(self, tokenizer: HFTokenizer | None = None) -> TokenizerCheck:
+    def check_tokenizer(self, tokenizer: Tokenizer | None = None) -> TokenizerCheck:
         """Check (once per tokenizer) that ``tokenizer`` (default: :attr:`tokenizer`) reads
         a probe text as the scorer's model does: one ``POST /tokenize`` to the server, or a
         comparison with the in-process engine's tokenizer. :meth:`load` calls it before any
@@ -167,6 +180,8 @@ class Session:
         return done
 
     def close(self) -> None:
+        for closer in self._closers:
+            closer()
         try:
             run_sync(self.scorer.aclose())
         finally:

@@ -132,3 +132,49 @@ def test_cli_records_the_check(server_url: str, tmp_path: Path,
     assert code == 0, capsys.readouterr().err
     check = MemoryMatrix.load(out / "matrix.parquet").meta["tokenizer_check"]
     assert check["status"] == "agree" and check["endpoint"] == "POST /tokenize"
+
+
+# ── --tokenizer server: the served model's tokenizer through its /tokenize ──────
+def test_server_tokenizer_renders_like_the_local_one(server_url: str, tokenizer: Any) -> None:
+    from scoring_kit.backends.server_tokenizer import ServerTokenizer
+    from scoring_kit.context.io import load_context
+
+    remote = ServerTokenizer(server_url)
+    try:
+        assert remote.name == "SmolLM2-135M-Instruct"
+        assert (remote.im_start_id, remote.im_end_id) == (tokenizer.im_start_id,
+                                                          tokenizer.im_end_id)
+        assert remote.encode(PROBE_TEXT) == tokenizer.encode(PROBE_TEXT)
+        assert remote.decode(tokenizer.encode(PROBE_TEXT)) == PROBE_TEXT
+        got, ref = load_context(SAMPLE, remote).wire_prompt(), load_context(
+            SAMPLE, tokenizer).wire_prompt()
+        assert got.tokens.tolist() == ref.tokens.tolist() and got.ranges == ref.ranges
+    finally:
+        remote.close()
+
+
+def test_server_tokenizer_needs_a_tokenize_endpoint() -> None:
+    from scoring_kit.backends.server_tokenizer import ServerTokenizer
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    with pytest.raises(ConfigError, match=r"no POST /tokenize \(404\).*--tokenizer PATH"):
+        ServerTokenizer("http://gpu-box:8000", transport=httpx.MockTransport(handler))
+
+
+def test_cli_tokenizer_server(server_url: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    from scoring_kit.scoring.memory_matrix import MemoryMatrix
+
+    out = tmp_path / "out"
+    code = main(["score", str(SAMPLE), "--server", server_url, "--tokenizer", "server",
+                 "--approx", "windowed", "--window", "1", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    check = MemoryMatrix.load(out / "matrix.parquet").meta["tokenizer_check"]
+    assert check["status"] == "agree" and check["tokenizer"] == "SmolLM2-135M-Instruct"
+    code = main(["render", str(SAMPLE), "--tokenizer", "server"])
+    err = capsys.readouterr().err
+    assert code == 2 and "render has no --server" in err

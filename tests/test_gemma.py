@@ -160,6 +160,21 @@ def test_finetune_candidates_through_the_gemma_server(gemma_server: Any, gemma_c
     assert all(max(c.context_ids) < 262144 and c.context_ids[0] == bos for c in cands)
 
 
+def test_server_tokenizer_renders_gemma_like_the_local_one(gemma_server: Any,
+                                                           gemma_ctx: Any) -> None:
+    """``--tokenizer server``: ids, BOS and turn markers learned from the server's /tokenize."""
+    from scoring_kit.backends.server_tokenizer import ServerTokenizer
+
+    remote = ServerTokenizer(gemma_server.url)
+    try:
+        assert remote.im_start_id is None and remote.hf.bos_token_id == 2
+        got = load_context(SAMPLE, remote, chat_template="gemma").wire_prompt()
+        ref = gemma_ctx.wire_prompt()
+        assert got.tokens.tolist() == ref.tokens.tolist() and got.ranges == ref.ranges
+    finally:
+        remote.close()
+
+
 def test_smollm2_conversation_to_gemma_server_is_refused(
     gemma: Any, gemma_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

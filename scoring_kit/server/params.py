@@ -401,19 +401,23 @@ class TokenizeParams:
     return_token_strs: bool = False
     messages: tuple[dict[str, str], ...] | None = None
     add_generation_prompt: bool = True
+    #: the tokenizer's own special tokens (a BOS): vLLM's default, true for a prompt and
+    #: false for messages (the template writes them)
+    add_special_tokens: bool = True
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], limits: ModelLimits) -> TokenizeParams:
         _model(body)
         want_strs = bool_field(body, "return_token_strs", default=False)
-        bool_field(body, "add_special_tokens", default=True)  # accepted; the tokenizer adds none
         if "messages" in body and "prompt" not in body:
             return cls(None, want_strs, _chat_messages(body["messages"]),
-                       bool_field(body, "add_generation_prompt", default=True))
+                       bool_field(body, "add_generation_prompt", default=True),
+                       bool_field(body, "add_special_tokens", default=False))
         text = field(body, "prompt", "", MISSING)
         if not isinstance(text, str):
             raise wrong_type("prompt", "a string", text)
-        return cls(text, want_strs)
+        return cls(text, want_strs, add_special_tokens=bool_field(
+            body, "add_special_tokens", default=True))
 
 
 def _chat_messages(raw: Any) -> tuple[dict[str, str], ...]:

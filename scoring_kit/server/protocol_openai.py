@@ -133,10 +133,13 @@ async def tokenize(svc: Service, request: Request) -> Any:
         text = _render(tok, p.messages, generation=p.add_generation_prompt)
 
     def job() -> dict[str, Any]:
-        ids = [int(t) for t in tok.encode(text or "")]
+        hf = getattr(tok, "hf", None)
+        if p.add_special_tokens and hf is not None:
+            ids = [int(t) for t in hf.encode(text or "", add_special_tokens=True)]
+        else:
+            ids = [int(t) for t in tok.encode(text or "")]
         strs: list[str] | None = None
         if p.return_token_strs:
-            hf = getattr(tok, "hf", None)
             if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
                 strs = [str(s) for s in hf.convert_ids_to_tokens(ids)]
             else:
