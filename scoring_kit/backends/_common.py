@@ -42,6 +42,7 @@ from ._util import (
     dumps_json,
     error_message,
     extract_message,
+    json_headers,
     loads_json,
     normalise_url,
     resolve_api_key,
@@ -178,9 +179,7 @@ class HTTPBackend:
             return current
         if current is not None and not current.is_closed:
             logger.debug("%r: event loop changed; opening a new connection pool", self)
-        headers = {"user-agent": _USER_AGENT, "accept": "application/json"}
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
+        headers = json_headers(self._api_key, **{"user-agent": _USER_AGENT})
         client = httpx.AsyncClient(
             headers=headers,
             timeout=self._timeout,

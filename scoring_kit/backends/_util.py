@@ -32,6 +32,7 @@ __all__ = [
     "error_message",
     "extract_message",
     "int_or",
+    "json_headers",
     "loads_json",
     "normalise_url",
     "resolve_api_key",
@@ -45,6 +46,18 @@ def resolve_api_key(api_key: str | None) -> str | None:
     """``api_key`` if given, else ``$SCORING_KIT_API_KEY``, else ``None`` (empty is unset)."""
     key = api_key if api_key is not None else _settings.api_key()
     return key or None
+
+
+def json_headers(key: str | None, **extra: str) -> dict[str, str]:
+    """Request headers: ``accept: application/json``, the bearer ``key`` when set, ``extra``.
+
+    >>> json_headers("k")
+    {'accept': 'application/json', 'authorization': 'Bearer k'}
+    """
+    headers = {"accept": "application/json", **extra}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    return headers
 
 
 def normalise_url(url: str, *, strip_v1: bool = False) -> str:

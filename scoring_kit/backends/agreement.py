@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 
 from .._exceptions import BackendUnavailable, TokenizerMismatch
-from ._util import display_url, normalise_url, resolve_api_key
+from ._util import display_url, json_headers, normalise_url, resolve_api_key
 from .detect import probe
 
 if TYPE_CHECKING:
@@ -226,10 +226,7 @@ async def check_tokenizer(
     """
     root = normalise_url(base_url, strip_v1=True)
     shown = display_url(root)
-    key = resolve_api_key(api_key)
-    headers = {"accept": "application/json"}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
+    headers = json_headers(resolve_api_key(api_key))
     local = tokenizer.encode(PROBE_TEXT)
     attempts: list[tuple[str, dict[str, Any]]] = [
         ("/tokenize", {"prompt": PROBE_TEXT, "add_special_tokens": False}),

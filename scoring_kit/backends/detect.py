@@ -35,7 +35,15 @@ from typing import Any
 import httpx
 
 from .._exceptions import BackendUnavailable, DetectionError
-from ._util import compact_json, display_url, dumps_json, loads_json, normalise_url, resolve_api_key
+from ._util import (
+    compact_json,
+    display_url,
+    dumps_json,
+    json_headers,
+    loads_json,
+    normalise_url,
+    resolve_api_key,
+)
 
 __all__ = ["Detection", "DetectionError", "ProbeResult", "detect_backend", "probe"]
 
@@ -232,9 +240,7 @@ async def detect_backend(
     root = normalise_url(base_url, strip_v1=True)
     shown = display_url(root)
     key = resolve_api_key(api_key)
-    headers = {"accept": "application/json"}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
+    headers = json_headers(key)
 
     def redact(text: str) -> str:
         return text.replace(key, "<redacted>") if key else text

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from .._exceptions import BackendUnavailable, ConfigError, ProtocolError
-from ._util import display_url, normalise_url, resolve_api_key
+from ._util import display_url, json_headers, normalise_url, resolve_api_key
 
 __all__ = ["UNKNOWN_VOCAB", "ServerTokenizer"]
 
@@ -71,10 +71,7 @@ class ServerTokenizer:
     ) -> None:
         self._root = normalise_url(base_url, strip_v1=True)
         self._shown = display_url(self._root)
-        key = resolve_api_key(api_key)
-        headers = {"accept": "application/json"}
-        if key:
-            headers["authorization"] = f"Bearer {key}"
+        headers = json_headers(resolve_api_key(api_key))
         self._http = httpx.Client(base_url=self._root, headers=headers, transport=transport,
                                   timeout=httpx.Timeout(timeout))
         self.vocab_size = UNKNOWN_VOCAB
