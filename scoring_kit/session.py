@@ -81,6 +81,15 @@ class Session:
             concurrency=concurrency,
             engine=self.engine,
         )
+        self._give_echo_tokenizer()
+
+    def _give_echo_tokenizer(self) -> None:
+        """An ``echo`` scorer may have to send text (llama-cpp-python): it decodes the ids
+        with this session's tokenizer (checked against the server's before any use)."""
+        from .backends.echo import EchoScorer
+
+        if isinstance(self.scorer, EchoScorer):
+            self.scorer.tokenizer = self.tokenizer
 
     @property
     def tokenizer(self) -> HFTokenizer:
@@ -94,6 +103,7 @@ class Session:
     def set_tokenizer(self, tokenizer: HFTokenizer) -> None:
         """Tokenize plain conversations with ``tokenizer`` (``--tokenizer``)."""
         self._tokenizer = tokenizer
+        self._give_echo_tokenizer()
 
     def load(self, path: PathLike, *, reading: AgentReading | None = None) -> ContextState:
         """Load a conversation in any format with this session's tokenizer (``reading``:
