@@ -36,6 +36,8 @@ be scored; longer prompts are refused locally when the context is known.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -184,6 +186,9 @@ class EchoScorer(StockHTTPBackend):
         self._checked_texts: dict[str, tuple[int, ...]] = {}
         self._tokenize_path: str | None = None
         self._bos_values: dict[tuple[int, ...], float] = {}
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         #: How the echoed entries line up with the prompt: ``"openai"`` (entry ``t`` is
         #: position ``t``; vLLM) or ``"llama-cpp-python"`` (found from its 500 on id prompts
         #: or its ``/extras/tokenize``; see :mod:`._llamacpp`).
@@ -320,7 +325,9 @@ class EchoScorer(StockHTTPBackend):
                 f"(position {pos[0]}), so a span covering it cannot be scored on this server"
             )
             raise BackendPromptError(msg, backend=self.name)
-        for t in sorted(wanted - set(pos)):
+        # last first: each shorter prefix is then already in the server's KV cache (it
+        # reuses the longest common prefix with what it evaluated last), one token to run
+        for t in sorted(wanted - set(pos), reverse=True):
             dense[t] = await self._bos_logprob(prompt, t)
         return sum_token_logprobs(dense, n, request.ranges, what=what)
 
@@ -385,15 +392,30 @@ class EchoScorer(StockHTTPBackend):
                 raise BackendPromptError(msg, backend=self.name, limit=limit, actual=n)
             self._check_request(request)
             self.stats.prompt_tokens += n
-            data = await self._post(request)
-            try:
-                logprobs = data["choices"][0]["logprobs"]
-            except (KeyError, IndexError, TypeError):
-                logprobs = None
-            values = logprobs.get("token_logprobs") if isinstance(logprobs, Mapping) else None
             if self.layout == "llama-cpp-python":
-                return await self._llama_sums(request, data, values)
-            return sum_token_logprobs(values, n, request.ranges)
+                # one prompt at a time (the server runs one anyway): its echo and the BOS
+                # reads after it then share the server's KV cache instead of evicting it
+                async with self._serial():
+                    return await self._score_once(request)
+            return await self._score_once(request)
+
+    def _serial(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+    async def _score_once(self, request: ScoreRequest) -> FloatArray:
+        data = await self._post(request)
+        try:
+            logprobs = data["choices"][0]["logprobs"]
+        except (KeyError, IndexError, TypeError):
+            logprobs = None
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, Mapping) else None
+        if self.layout == "llama-cpp-python":
+            return await self._llama_sums(request, data, values)
+        return sum_token_logprobs(values, len(request.prompt), request.ranges)
 
     async def score_batch(
         self, requests: Sequence[ScoreRequest]
