@@ -99,6 +99,15 @@ class Session:
             concurrency=concurrency,
             engine=self.engine,
         )
+        self._give_echo_tokenizer()
+
+    def _give_echo_tokenizer(self) -> None:
+        """An ``echo`` scorer may have to send text (llama-cpp-python): it decodes the ids
+        with this session's tokenizer (checked against the server's before any use)."""
+        from .backends.echo import EchoScorer
+
+        if isinstance(self.scorer, EchoScorer):
+            self.scorer.tokenizer = self.tokenizer
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -112,6 +121,7 @@ class Session:
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Tokenize plain conversations with ``tokenizer`` (``--tokenizer``)."""
         self._tokenizer = tokenizer
+        self._give_echo_tokenizer()
 
     def use_server_tokenizer(self) -> Tokenizer:
         """Tokenize through the (first) server's own ``/tokenize`` (``--tokenizer server``;

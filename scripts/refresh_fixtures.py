@@ -3,6 +3,20 @@ from a REAL vLLM, so the fast tests keep testing the shapes a real server sends.
 
     python scripts/refresh_fixtures.py            # builds/starts vllm-cpu itself, then stops it
     python scripts/refresh_fixtures.py --url http://127.0.0.1:8000 --key sk-...
+    python scripts/refresh_fixtures.py --llama-url http://127.0.0.1:8001 --llama-key sk-...
+
+``--llama-url`` records a running llama-cpp-python 0.3 OpenAI server instead (the embedded
+GGUF, ``--logits_all True``; see ``real_servers.llama_command``), on ``fixture_prompt.json``'s
+text followed by an assistant turn (``LLAMA_TAIL``), so the answer shows its echo layout:
+
+* ``llama_models.json``                 ``GET /v1/models`` (``owned_by: "me"``)
+* ``llama_error_id_prompt.json``        an id prompt: its 500 (schema refusal)
+* ``llama_tokenize_404.json``           ``POST /tokenize`` (404: it lives at /extras/tokenize)
+* ``llama_extras_tokenize.json``        ``POST /extras/tokenize`` of the text
+* ``llama_completions_echo.json``       ``echo: true, logprobs: 0`` on the text
+* ``llama_completions_bos_plain.json``  the text up to the second ``<|im_start|>``, plain
+* ``llama_completions_bos_biased.json`` the same with every special token biased by -100
+* ``llama_completions_echo_probe.json`` the detection probe's ``echo`` answer
 
 What is recorded (the prompt is ``fixture_prompt.json``'s text in SmolLM2's tokenizer):
 
@@ -93,11 +107,57 @@ def record(url: str, key: str) -> None:
     _write("sglang_generate_input_logprobs.json", sg)
 
 
+#: The assistant turn appended to the fixture text for llama-cpp-python (a second BOS).
+LLAMA_TAIL = "<|im_end|>\n<|im_start|>assistant\nA fox."
+
+
+def record_llama(url: str, key: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    from scoring_kit.backends.detect import echo_probe_body
+
+    meta = json.loads((FIXTURES / "fixture_prompt.json").read_text())
+    text = meta["text"] + LLAMA_TAIL
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"},
+                      timeout=300) as c:
+        models = c.get("/v1/models").raise_for_status().json()
+        model = models["data"][0]["id"]
+        _write("llama_models.json", models)
+        base = {"model": model, "max_tokens": 1, "temperature": 0, "stream": False}
+        ids = c.post("/v1/completions", json={**base, "prompt": meta["prompt"], "echo": True,
+                                              "logprobs": 0})
+        assert ids.status_code == 500, ids.text
+        _write("llama_error_id_prompt.json", ids.json())
+        nf = c.post("/tokenize", json={"model": model, "prompt": text})
+        assert nf.status_code == 404, nf.text
+        _write("llama_tokenize_404.json", nf.json())
+        tok = c.post("/extras/tokenize", json={"input": text}).raise_for_status().json()
+        if tok["tokens"][: len(meta["prompt"])] != meta["prompt"]:
+            raise SystemExit(f"llama-cpp-python tokenizes the fixture text as {tok['tokens']}")
+        _write("llama_extras_tokenize.json", tok)
+        echo = c.post("/v1/completions", json={**base, "prompt": text, "echo": True,
+                                               "logprobs": 0})
+        _write("llama_completions_echo.json", echo.raise_for_status().json())
+        head = text[: text.rindex("<|im_start|>")]
+        plain = {**base, "prompt": head, "logprobs": 1, "echo": False}
+        _write("llama_completions_bos_plain.json",
+               c.post("/v1/completions", json=plain).raise_for_status().json())
+        bias = {str(i): -100 for i in range(17)}  # SmolLM2's special tokens are ids 0-16
+        biased = c.post("/v1/completions", json={**plain, "logit_bias": bias})
+        _write("llama_completions_bos_biased.json", biased.raise_for_status().json())
+        probe = c.post("/v1/completions", json=echo_probe_body(model))
+        _write("llama_completions_echo_probe.json", probe.raise_for_status().json())
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running vLLM (default: start vllm-cpu here)")
     ap.add_argument("--key", default="", help="its --api-key")
+    ap.add_argument("--llama-url", help="a running llama-cpp-python server to record instead")
+    ap.add_argument("--llama-key", default="", help="its --api_key")
     args = ap.parse_args(argv)
+    if args.llama_url:
+        record_llama(args.llama_url, args.llama_key)
+        return 0
     if args.url:
         record(args.url, args.key)
         return 0

@@ -13,11 +13,18 @@
    ``scores[].total_logprob``. vLLM's own ``/score`` (cross-encoder ``text_1``/``text_2``:
    404 on generative models in new releases, 400 in old ones) and SGLang's ``/v1/score``
    never pass.
+7. ``POST /v1/completions`` with ``echo: true, logprobs: 0`` (:func:`echo_probe_body`): an
+   answer with ``choices[0].logprobs.token_logprobs`` ``[null, <number>, ...]`` means
+   ``"echo"``.
 
 A vLLM server (by ``owned_by`` or ``/version``) whose ``/score`` passes probe 6 is a
 patched, consciousness-style server and gets the cheaper ``"score"`` backend; the embedded
-scoring_kit server speaks all protocols and also gets ``"score"``. llama.cpp, TensorRT-LLM
-and Ollama return no prompt-token logprobs and are refused with a one-line
+scoring_kit server speaks all protocols and also gets ``"score"``. A server whose
+``POST /v1/completions`` echoes the prompt's ``token_logprobs`` gets ``"echo"``
+(llama-cpp-python: ``owned_by "me"``, no ``/health``, ``/props`` or ``/version``; one that says
+``owned_by "llamacpp"`` gets ``"echo"`` only when that probe passes, since llama.cpp's own
+``llama-server`` also says so and refuses ``echo``). llama.cpp's ``llama-server``,
+TensorRT-LLM and Ollama return no prompt-token logprobs and are refused with a one-line
 :class:`~scoring_kit.BackendError`; when nothing is recognised the error lists every probe
 and its answer.
 
@@ -267,6 +274,12 @@ async def detect_backend(
             probes.append(res)
             return res
 
+        async def echo_probe(model: str | None) -> ProbeResult:
+            res = await probe(client, "POST", root + "/v1/completions", "/v1/completions",
+                              body=echo_probe_body(model))
+            probes.append(res)
+            return res
+
         def found(backend: str, reason: str, model: str | None, mml: int | None) -> Detection:
             return Detection(
                 backend, reason, model, mml, tuple(redact(p.describe()) for p in probes)
@@ -279,6 +292,15 @@ async def detect_backend(
         owned, model, mml = _model_card(models)
         if owned == "scoring_kit":
             return found("score", "GET /v1/models: owned_by 'scoring_kit'", model, mml)
+        if owned in ("llamacpp", "llama.cpp"):
+            # llama.cpp's llama-server refuses echo; a server that answers it (an OpenAI
+            # layer over llama.cpp reporting the same owner) is scored with the echo backend
+            echo = await echo_probe(model)
+            if is_echo_answer(echo.status, echo.body):
+                reason = (f"GET /v1/models: owned_by {owned!r}, and POST /v1/completions "
+                          "echoes the prompt's token_logprobs (echo + logprobs)")
+                return found("echo", reason, model, mml)
+            raise _unsupported(_UNSUPPORTED[owned], shown, probes)
         if owned in _UNSUPPORTED:
             raise _unsupported(_UNSUPPORTED[owned], shown, probes)
         if owned == "sglang":
@@ -326,9 +348,7 @@ async def detect_backend(
         sc = await score_probe(model)
         if _is_seed_score(sc):
             return found("score", "POST /score answers with scores[].total_logprob", model, mml)
-        echo = await probe(client, "POST", root + "/v1/completions", "/v1/completions",
-                           body=echo_probe_body(model))
-        probes.append(echo)
+        echo = await echo_probe(model)
         if is_echo_answer(echo.status, echo.body):
             reason = "POST /v1/completions echoes the prompt's token_logprobs (echo + logprobs)"
             return found("echo", reason, model, mml)

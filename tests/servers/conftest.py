@@ -17,6 +17,7 @@ from _real import (
     LLAMA_URL_ENV,
     SKIP_ENV,
     VLLM_KEY_ENV,
+    VLLM_SKIP_ENV,
     VLLM_URL_ENV,
     RealServer,
 )
@@ -40,7 +41,7 @@ def _server(url_env: str, key_env: str, skip_env: str | None = None) -> RealServ
 
 @pytest.fixture(scope="session")
 def vllm_server() -> RealServer:
-    return _server(VLLM_URL_ENV, VLLM_KEY_ENV)
+    return _server(VLLM_URL_ENV, VLLM_KEY_ENV, VLLM_SKIP_ENV)
 
 
 @pytest.fixture(scope="session")
