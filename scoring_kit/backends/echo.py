@@ -55,7 +55,7 @@ from .detect import ECHO_PROBE_PROMPT, echo_probe_body, is_echo_answer
 
 if TYPE_CHECKING:
     from .._exceptions import BackendError
-    from ..context.tokenizer import HFTokenizer
+    from ..context.tokenizer import Tokenizer
 
 __all__ = ["ECHO_PROBE_PROMPT", "EchoScorer", "echo_probe_body", "is_echo_answer",
            "sum_token_logprobs"]
@@ -163,7 +163,7 @@ class EchoScorer(StockHTTPBackend):
         transport: httpx.AsyncBaseTransport | None = None,
         max_model_len: int | None = None,
         prompt_format: PromptFormat = "auto",
-        tokenizer: HFTokenizer | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         if prompt_format not in ("auto", "ids", "text"):
             from .._exceptions import ConfigError
