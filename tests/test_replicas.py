@@ -135,9 +135,13 @@ def _pool(*urls: str) -> ReplicaPool:
 
 
 def _same(got: MemoryMatrix, ref: MemoryMatrix) -> None:
+    """Equal to one server's matrix. Not bit for bit: the shared engine reuses prefix KV
+    differently when the same prompts arrive in other batches (float32 noise, ~1e-6 seen);
+    1e-4 is far below any divergence that matters and far above that noise."""
     assert got.keys == ref.keys and got.shape == ref.shape == (8, 13)
-    assert np.array_equal(got.baseline, ref.baseline)
-    assert np.array_equal(got.without, ref.without, equal_nan=False)  # bit for bit
+    assert not np.isnan(got.without).any()
+    np.testing.assert_allclose(got.baseline, ref.baseline, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.without, ref.without, atol=1e-4, rtol=0)
 
 
 def test_two_replicas_give_one_servers_matrix_and_share_the_work(

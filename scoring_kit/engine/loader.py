@@ -247,6 +247,15 @@ def load_tokenizer_from(path: PathLike) -> HFTokenizer:
         except Exception as exc:
             raise ConfigError(f"--tokenizer {str(path)!r}: not a tokenizer.json: {exc}") from exc
         return HFTokenizer(tok, name=p.parent.name or p.stem)
+    if p.is_dir() and not (p / "config.json").is_file() and (
+        (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
+    ):  # a tokenizer-only folder (what save_pretrained of a tokenizer writes)
+        transformers = _require_transformers()
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(p))
+        except Exception as exc:
+            raise ConfigError(f"--tokenizer {str(path)!r}: not a tokenizer folder: {exc}") from exc
+        return HFTokenizer(tok, name=p.name)
     try:
         return load_tokenizer(p)
     except ModelLoadError as exc:
