@@ -132,7 +132,7 @@ class Session:
             raise ConfigError("--tokenizer server needs a server URL (--server)")
         tok = ServerTokenizer(self.url, api_key=self._api_key)
         self._closers.append(tok.close)
-        self._tokenizer = tok
+        self.set_tokenizer(tok)
         return tok
 
     def load(self, path: PathLike, *, reading: AgentReading | None = None) -> ContextState:
