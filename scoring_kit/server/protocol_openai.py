@@ -159,18 +159,15 @@ def _render(tok: Tokenizer, messages: Sequence[dict[str, str]], *, generation: b
     """The served model's chat template over ``messages``: the tokenizer's own, else the
     kit's ChatML for a ChatML vocabulary; a model with neither gets a 400 (as in vLLM)."""
     from .._exceptions import ConfigError
-    from ..context.templates import CHATML_TEMPLATE, ChatTemplate, render_chat
+    from ..context.templates import load_template, render_chat
 
-    own = getattr(tok, "chat_template", None)
-    if isinstance(own, str):
-        tpl = ChatTemplate("tokenizer", own, origin=f"tokenizer {tok.name!r}")
-    elif tok.im_start_id is not None:
-        tpl = ChatTemplate("chatml", CHATML_TEMPLATE, origin="built-in 'chatml'")
-    else:
+    own = getattr(tok, "chat_template", None) is not None
+    if not own and tok.im_start_id is None:
         msg = (f"the served model {tok.name!r} has no chat template: send `prompt`, or render "
                "the messages on the client (scoring-kit --chat-template)")
         raise RequestError(400, msg)
     try:
+        tpl = load_template("tokenizer" if own else "chatml", tok)
         return render_chat(tpl, tok, messages, add_generation_prompt=generation)
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from exc
