@@ -35,6 +35,18 @@ SMALL_MESSAGES: list[dict[str, str]] = [
     {"role": "assistant", "content": "You live in Lisbon."},
 ]
 
+#: A small conversation for chat-template tests: 3 memories (two in a row), 2 responses.
+TEMPLATE_MESSAGES: list[dict[str, str]] = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "memory", "key": "m1", "content": "Mel paints lakes."},
+    {"role": "user", "content": "What do I paint?"},
+    {"role": "assistant", "content": "You paint lakes."},
+    {"role": "memory", "key": "m2", "content": "Mel plays the violin."},
+    {"role": "memory", "key": "m3", "content": "Mel runs on Saturdays."},
+    {"role": "user", "content": "Which instrument?"},
+    {"role": "assistant", "content": "The violin."},
+]
+
 _REFERENCE: dict[str, Any] = {}
 
 #: Prefixes the engine keeps between calls while these tests run (the engine's default is 4;

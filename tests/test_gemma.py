@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _helpers import TEMPLATE_MESSAGES
 
 from scoring_kit.context.io import context_from_messages, load_context
 from scoring_kit.context.model import skip_key
@@ -28,16 +29,7 @@ pytestmark = [
 ]
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_conversation.jsonl"
-SMALL = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "memory", "key": "m1", "content": "Mel paints lakes."},
-    {"role": "user", "content": "What do I paint?"},
-    {"role": "assistant", "content": "You paint lakes."},
-    {"role": "memory", "key": "m2", "content": "Mel plays the violin."},
-    {"role": "memory", "key": "m3", "content": "Mel runs on Saturdays."},
-    {"role": "user", "content": "Which instrument?"},
-    {"role": "assistant", "content": "The violin."},
-]
+SMALL = TEMPLATE_MESSAGES
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from _helpers import TEMPLATE_MESSAGES
 
 from scoring_kit._exceptions import ConfigError, ContextError
 from scoring_kit.context.io import context_from_messages, load_context, load_messages
@@ -54,16 +55,7 @@ NUMBERED = (
     "{% endfor %}"
 )
 
-SMALL = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "memory", "key": "m1", "content": "Mel paints lakes."},
-    {"role": "user", "content": "What do I paint?"},
-    {"role": "assistant", "content": "You paint lakes."},
-    {"role": "memory", "key": "m2", "content": "Mel plays the violin."},
-    {"role": "memory", "key": "m3", "content": "Mel runs on Saturdays."},
-    {"role": "user", "content": "Which instrument?"},
-    {"role": "assistant", "content": "The violin."},
-]
+SMALL = TEMPLATE_MESSAGES
 ALTERNATING = [m for m in SMALL if m["role"] != "system"]
 
 
