@@ -12,7 +12,8 @@ conversation of ``bench_matrix.build_conversation`` and measures, on the embedde
   the exact-LOO token minimum and the token bound (seed tokens / minimum), the share of the
   bound reached (speedup over the seed's way / bound);
 - each approximate way (``w1`` the 1-response window, ``w1+r0.5`` with the restatement screen,
-  ``hier`` the hierarchical mode): wall time, tokens, speedup, top-5 recall against exact
+  ``w1+r0.5+f8`` also refining the 8 heaviest rows over the whole conversation, ``hier`` the
+  hierarchical mode): wall time, tokens, speedup, top-5 recall against exact
   (overall and per response);
 - the seed's way (N + 1 dense full prefills, logits everywhere): *timed* when its estimated
   time fits ``--seed-budget`` seconds, otherwise *estimated* from its token count at the
@@ -22,13 +23,18 @@ conversation of ``bench_matrix.build_conversation`` and measures, on the embedde
   the ratio of its time to the embedded engine's.
 
 Results go to ``--json`` (default ``out/bench-scale.json``) and a growth chart (cost against N
-at the largest L, and against L at N = 64) to ``--chart`` (default ``docs/scale-growth.png``).
+at the length measured with the most memory counts, and against L at N = 64) to ``--chart``
+(default ``docs/scale-growth.png``). Exact matrices are kept in ``--cache`` (default
+``out/scale-cache``) and reused for the same prompt, so a rerun (new approximate ways) times only
+those; ``--fresh`` recomputes them. Peak memory is read per way (``VmHWM``, reset before each).
 Read ratios: the machine is shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import re
@@ -42,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-DEFAULT_GRID = "2000x64,4000x64,8000x16,8000x32,8000x64,8000x128"
+DEFAULT_GRID = "2000x16,2000x32,2000x64,2000x128,4000x64,8000x64"
 DEFAULT_WAYS = "exact,w1,w1+r0.5"
 
 
@@ -61,6 +67,82 @@ def _parse_grid(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _parse_way(way: str) -> tuple[int, float | None, int] | None:
+    """``w<window>[+r<share>][+f<rows>]`` as (window, restated, refine); None if not one."""
+    m = re.fullmatch(r"w(\d+)(?:\+r(\d*\.?\d+))?(?:\+f(\d+))?", way)
+    if m is None or int(m[1]) < 1 or (m[2] is not None and not 0.0 < float(m[2]) <= 1.0):
+        return None
+    return int(m[1]), float(m[2]) if m[2] else None, int(m[3] or 0)
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak resident set (Linux: ``5`` to ``/proc/self/clear_refs``)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb() -> float:
+    """Peak resident set since the last :func:`_reset_peak` (VmHWM), else since start."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
+    """(seed-way FLOPs, exact-LOO minimum FLOPs) of the full matrix, from the architecture.
+
+    Per token: ``2 x`` the layer weights it passes through, plus attention over every
+    earlier position (``4 x heads x head_dim`` per key per layer: scores and values), plus
+    the LM head where logits are taken — at every position for the seed's dense prefills,
+    only at the scored tokens for the exact minimum (which recomputes, per memory, the tokens
+    after it, at their positions in the ablated prompt). The token bound counts tokens as
+    equal; this bound prices the suffix tokens of a late layout, which attend over more keys.
+    """
+    from scoring_kit.context.model import skip_key
+
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, layers = int(c.hidden_size), int(c.num_hidden_layers)
+    heads = int(c.num_attention_heads)
+    kv = int(getattr(c, "num_key_value_heads", heads) or heads)
+    hd = int(getattr(c, "head_dim", None) or h // heads)
+    inter = int(c.intermediate_size)
+    lin = 2.0 * layers * (h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * inter)
+    att = 4.0 * layers * heads * hd  # per (query, key) pair
+    head = 2.0 * h * int(c.vocab_size)
+
+    def span(a: int, b: int) -> float:  # positions a..b-1, each attending over p + 1 keys
+        return (b - a) * lin + att * ((b * (b + 1) - a * (a + 1)) / 2)
+
+    base = ctx.wire_prompt()
+    L = len(base)
+    scored = [(int(a), int(b)) for a, b in base.ranges]
+    seed = span(0, L) + L * head
+    minimum = span(0, L) + sum(b - a for a, b in scored) * head
+    first: dict[str, tuple[int, int]] = {}
+    for s in base.spans:
+        node = ctx.section(s.section)[s.index]
+        if node.key is not None and node.kind == "memory":
+            first.setdefault(node.key, (s.start, s.end))
+    for k in ctx.memory_keys():
+        n_k = len(ctx.wire_prompt(skip=skip_key(k)))
+        seed += span(0, n_k) + n_k * head
+        start, end = first[k]
+        # the tokens after the memory's first node, at their places in the ablated prompt
+        minimum += span(start, start + (L - end))
+        minimum += sum(max(0, b - max(a, end)) for a, b in scored) * head
+    return seed, minimum
+
+
+def _cache_paths(args: dict[str, Any], tokens: int, memories: int, layout: str) -> tuple[Path, Path]:
+    d = Path(args["cache"])
+    stem = f"{tokens}x{memories}-{layout}"
+    return d / f"{stem}.npz", d / f"{stem}.json"
+
+
 def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dict[str, Any]:
     """One grid point, in a child process; returns its figures."""
     import numpy as np
@@ -74,6 +156,7 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
         top_k_recall,
     )
     from scoring_kit.scoring.matrix import score_memories
+    from scoring_kit.scoring.memory_matrix import MemoryMatrix
 
     engine = Engine.load(device=args["device"])
     scorer = LocalScorer(engine)
@@ -82,14 +165,18 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
     base = ctx.wire_prompt()
     L, n, m = len(base), len(ctx.memory_keys()), len(base.ranges)
     seed_tokens, minimum = exact_minimum(ctx)
+    seed_flops, min_flops = flop_counts(ctx, engine.model.config)
     out: dict[str, Any] = {"target_tokens": tokens, "layout": layout, "prompt_tokens": L,
                            "memories": n, "responses": m, "seed_tokens": seed_tokens,
-                           "exact_min_tokens": minimum, "bound": seed_tokens / minimum}
+                           "exact_min_tokens": minimum, "bound": seed_tokens / minimum,
+                           "flop_bound": seed_flops / min_flops}
+    prompt_sha = hashlib.sha256(base.tokens.astype(">i8").tobytes()).hexdigest()
 
     # per-token cost of the seed's dense full prefills, measured here (2 passes)
     def dense() -> Any:
         return engine.score_naive(base.tokens.tolist(), base.ranges)
 
+    _reset_peak()
     t_dense, _ = median_time(dense, 2)
     seed_est = seed_tokens * t_dense / L
     if seed_est <= args["seed_budget"]:
@@ -100,39 +187,58 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
         seed_m = None
         out["seed"] = {"s": seed_est, "how": f"estimated: {seed_tokens:,} tokens at the dense "
                                               f"prefill cost measured here ({L / t_dense:,.0f} tok/s)"}
+    out["seed"]["peak_mb"] = _peak_mb()
     t_seed = out["seed"]["s"]
 
-    engine.clear_cache()
-    engine.reset_stats()
-    t0 = time.perf_counter()
-    exact_m = score_memories(ctx, scorer, chunk_size=max(1, n), progress=False)
-    t_exact = time.perf_counter() - t0
-    fwd = engine.stats.forward_tokens
-    out["exact"] = {"s": t_exact, "forward_tokens": fwd, "speedup": t_seed / t_exact,
-                    "share_of_bound": t_seed / t_exact / out["bound"],
-                    "tokens_vs_min": fwd / minimum}
-    if seed_m is not None:
-        out["exact"]["max_abs_diff_vs_seed"] = float(
-            np.nanmax(np.abs(exact_m.divergence - seed_m.divergence)))
+    npz, meta_json = _cache_paths(args, tokens, memories, layout)
+    cached = json.loads(meta_json.read_text()) if meta_json.exists() and npz.exists() else None
+    if cached is not None and cached.get("prompt_sha") == prompt_sha and not args["fresh"]:
+        # the exact matrix of an earlier run of this point (same prompt): its own figures,
+        # measured against the seed's way of *that* run, are kept as they were
+        exact_m = MemoryMatrix.load(npz)
+        out["exact"] = {**cached["exact"], "reused_from": str(npz)}
+    else:
+        engine.clear_cache()
+        engine.reset_stats()
+        _reset_peak()
+        t0 = time.perf_counter()
+        exact_m = score_memories(ctx, scorer, chunk_size=max(1, n), progress=False)
+        t_exact = time.perf_counter() - t0
+        fwd = engine.stats.forward_tokens
+        out["exact"] = {"s": t_exact, "forward_tokens": fwd, "speedup": t_seed / t_exact,
+                        "share_of_bound": t_seed / t_exact / out["bound"],
+                        "share_of_flop_bound": t_seed / t_exact / out["flop_bound"],
+                        "tokens_vs_min": fwd / minimum, "seed_s": t_seed,
+                        "peak_mb": _peak_mb(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        if seed_m is not None:
+            out["exact"]["max_abs_diff_vs_seed"] = float(
+                np.nanmax(np.abs(exact_m.divergence - seed_m.divergence)))
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        exact_m.save(npz, overwrite=True)
+        meta_json.write_text(json.dumps({"prompt_sha": prompt_sha, "exact": out["exact"]}))
+    t_exact = float(out["exact"]["s"])
 
     for way in args["ways"]:
         if way == "exact":
             continue
         engine.clear_cache()
         engine.reset_stats()
+        _reset_peak()
         t0 = time.perf_counter()
         if way == "hier":
             a = score_memories_hierarchical(ctx, scorer)
         else:
-            w_part, _, r_part = way.partition("+r")
-            window = int(w_part.lstrip("w"))
-            a = score_memories_windowed(ctx, scorer, window=window,
-                                        restated=float(r_part) if r_part else None)
+            parsed = _parse_way(way)
+            assert parsed is not None
+            window, restated, refine = parsed
+            a = score_memories_windowed(ctx, scorer, window=window, restated=restated,
+                                        refine=refine)
         t_a = time.perf_counter() - t0
         overall, per = top_k_recall(exact_m, a, 5)
         out[way] = {"s": t_a, "forward_tokens": engine.stats.forward_tokens,
                     "speedup": t_seed / t_a, "top5_recall": overall,
-                    "top5_recall_per_response": per}
+                    "top5_recall_per_response": per, "peak_mb": _peak_mb(),
+                    "calls": a.meta.get("calls")}
 
     if args["vllm"]:
         from scoring_kit.backends.vllm import VLLMScorer
@@ -179,17 +285,22 @@ def _print_row(r: dict[str, Any], ways: list[str]) -> None:
         print(f"{r['target_tokens']:>6} {r['memories']:>4} {r['layout']:<5} FAILED: {r['error']}")
         return
     print(f"{r['prompt_tokens']:>6} {r['memories']:>4} {r['layout']:<5} bound "
-          f"{r['bound']:5.2f}x  seed {r['seed']['s']:8.1f} s ({r['seed']['how'].split(':')[0]})"
-          f"  peak {r['peak_rss_mb']:,.0f} MB")
+          f"{r['bound']:5.2f}x (FLOPs {r['flop_bound']:5.2f}x)  seed {r['seed']['s']:8.1f} s "
+          f"({r['seed']['how'].split(':')[0]}, peak {r['seed']['peak_mb']:,.0f} MB)")
     for way in ways:
         if way not in r:
             continue
         w = r[way]
-        extra = (f"{w['share_of_bound']:.0%} of bound, {w['tokens_vs_min']:.2f}x min tokens"
-                 if way == "exact" else
-                 f"top-5 recall {w['top5_recall']:.2f} / {w['top5_recall_per_response']:.2f}")
-        print(f"        {way:<9}{w['s']:>9.1f} s {w['speedup']:>7.1f}x {w['forward_tokens']:>10,}"
-              f" tok  {extra}")
+        if way == "exact":
+            flop = w.get("share_of_flop_bound", w["share_of_bound"] * r["bound"] / r["flop_bound"])
+            extra = (f"{w['share_of_bound']:.0%} of bound ({flop:.0%} of FLOP bound), "
+                     f"{w['tokens_vs_min']:.2f}x min tokens"
+                     + (" [reused]" if "reused_from" in w else ""))
+        else:
+            extra = f"top-5 recall {w['top5_recall']:.2f} / {w['top5_recall_per_response']:.2f}"
+        peak = f"{w['peak_mb']:>6,.0f} MB" if "peak_mb" in w else " " * 9
+        print(f"        {way:<12}{w['s']:>8.1f} s {w['speedup']:>7.1f}x {w['forward_tokens']:>9,}"
+              f" tok {peak}  {extra}")
     if "vllm" in r:
         print(f"        vllm     {r['vllm']['s']:>9.1f} s  = {r['vllm']['engine_over_vllm']:.2f}x "
               f"the engine's exact time; max |diff| {r['vllm']['max_abs_diff']:.1e}")
@@ -211,8 +322,13 @@ def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> Non
     if not recs:
         return
     df = pl.DataFrame(recs)
-    top_l = int(df["L"].max())  # type: ignore[arg-type]
-    n_fixed = 64 if 64 in df["N"].to_list() else int(df["N"].max())  # type: ignore[arg-type]
+    # the N panel at the L with the most memory counts (ties: the largest L); the L panel
+    # at the N measured at the most lengths (ties: 64, else the largest)
+    per_l = df.group_by("L").agg(pl.col("N").n_unique().alias("k")).sort(["k", "L"])
+    top_l = int(per_l["L"][-1])
+    per_n = df.group_by("N").agg(pl.col("L").n_unique().alias("k"),
+                                 (pl.col("N") == 64).any().alias("is64")).sort(["k", "is64", "N"])
+    n_fixed = int(per_n["N"][-1])
 
     def panel(data: pl.DataFrame, x: str, title: str) -> alt.Chart:
         return alt.Chart(data).mark_line(point=True).encode(
@@ -238,27 +354,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="even,late")
     ap.add_argument("--ways", default=DEFAULT_WAYS,
                     help="comma list of exact (always runs), w<N>, w<N>+r<share>, hier")
-    ap.add_argument("--seed-budget", type=float, default=240.0,
+    ap.add_argument("--seed-budget", type=float, default=120.0,
                     help="time the seed's way where its estimate fits this many seconds, "
-                         "else estimate it from its tokens (default 240)")
+                         "else estimate it from its tokens (default 120)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--locomo", type=Path, default=default_locomo_path())
     ap.add_argument("--vllm", default=None, metavar="URL",
                     help="also score the exact matrix through --backend vllm at URL")
     ap.add_argument("--vllm-model", default=None)
+    ap.add_argument("--cache", type=Path, default=ROOT / "out" / "scale-cache",
+                    help="exact matrices of earlier runs, reused for the same prompt (so a "
+                         "rerun times only the approximate ways); default out/scale-cache")
+    ap.add_argument("--fresh", action="store_true", help="recompute the exact matrices")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench-scale.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "scale-growth.png")
     args = ap.parse_args(argv)
     ways = [w for w in args.ways.split(",") if w]
     for w in ways:
-        m = re.fullmatch(r"w(\d+)(?:\+r(\d*\.?\d+))?", w)
-        ok = w in ("exact", "hier") or (
-            m is not None and int(m[1]) >= 1 and (m[2] is None or 0.0 < float(m[2]) <= 1.0))
-        if not ok:
-            ap.error(f"--ways: unknown way {w!r} (exact, w<N>, w<N>+r<share in (0, 1]>, hier)")
+        if w not in ("exact", "hier") and _parse_way(w) is None:
+            ap.error(f"--ways: unknown way {w!r} (exact, hier, w<N>[+r<share in (0, 1]>]"
+                     "[+f<rows>])")
     child_args = {"device": args.device, "locomo": str(args.locomo), "ways": ways,
                   "seed_budget": args.seed_budget, "vllm": args.vllm,
-                  "vllm_model": args.vllm_model}
+                  "vllm_model": args.vllm_model, "cache": str(args.cache),
+                  "fresh": args.fresh}
     t0 = time.perf_counter()
     rows = []
     for tokens, memories in args.grid:

@@ -288,8 +288,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                 estimated = f"{len(matrix.meta['estimated_keys'])} rows estimated"
             else:
                 matrix = score_memories_windowed(ctx, sess.scorer, window=args.window,
-                                                 restated=args.restated)
+                                                 restated=args.restated, refine=args.refine)
                 estimated = f"{matrix.meta['estimated_cells']} cells estimated"
+                if args.refine:
+                    estimated += f"; {len(matrix.meta['refined'])} heaviest rows made exact"
                 if args.restated is not None:
                     estimated += (f"; window extended for {len(matrix.meta['extended'])} "
                                   f"memories restated later")
@@ -493,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --approx windowed: also score exactly every later response that "
                          "restates at least this share of a memory's content words "
                          "(IDF-weighted text screen for long-range use; e.g. 0.5)")
+    sc.add_argument("--refine", type=_int_at_least(0), default=0, metavar="K",
+                    help="with --approx windowed: re-score the K memories the window found "
+                         "heaviest over the whole conversation, so their rows are exact")
     sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_agent_formats(sc)
@@ -573,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "restated", None) is not None and args.approx != "windowed":
         parser.error("argument --restated: only with --approx windowed")
+    if getattr(args, "refine", 0) and args.approx != "windowed":
+        parser.error("argument --refine: only with --approx windowed")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -90,6 +90,36 @@ def test_windowed_cells_are_exact_inside_the_window(
             assert approx.divergence[int(col.argmax()), j] == pytest.approx(col.max(), abs=1e-3)
 
 
+def test_windowed_refine_makes_the_heaviest_rows_exact(
+    ctx: ContextState, exact: Any, server_url: str
+) -> None:
+    c = ScoreClient(server_url)
+    try:
+        plain = score_memories_windowed(ctx, c, window=1)
+        refined = score_memories_windowed(ctx, c, window=1, refine=2)
+        with pytest.raises(ScoringError, match="refine must be a count >= 0, got -1"):
+            score_memories_windowed(ctx, c, window=1, refine=-1)
+    finally:
+        asyncio.run(c.aclose())
+    meta = refined.meta
+    # the two rows the window found heaviest (among those with later responses) are redone
+    n_conv = len(ctx.conversation)
+    open_rows = [i for i, k in enumerate(plain.keys)
+                 if (plain.entries >= plain.meta["window_entries"][k][1]).any()
+                 and plain.memory_weights[i] > 0]
+    heaviest = sorted(open_rows, key=lambda i: -plain.memory_weights[i])[:2]
+    assert meta["refined"] == [plain.keys[i] for i in heaviest] and meta["refine"] == 2
+    assert meta["calls"] == plain.meta["calls"] + 2
+    assert meta["prompt_tokens_sent"] > plain.meta["prompt_tokens_sent"]
+    assert meta["estimated_cells"] < plain.meta["estimated_cells"]
+    for i, k in enumerate(refined.keys):
+        if k in meta["refined"]:  # whole row exact, its window now the whole conversation
+            np.testing.assert_allclose(refined.without[i], exact.without[i], atol=1e-3)
+            assert meta["window_entries"][k][1] == n_conv
+        else:  # untouched
+            np.testing.assert_array_equal(refined.without[i], plain.without[i])
+
+
 def test_windowed_with_a_window_past_the_end_is_exact(
     ctx: ContextState, exact: Any, server_url: str
 ) -> None:

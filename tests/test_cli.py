@@ -124,11 +124,15 @@ def test_help_exits_0_and_explains_every_option(
          "argument --restated: must be a share in (0, 1], got '2'"),
         (["score", "{sample}", "--out", "{tmp}/o", "--restated", "0.5"],
          "argument --restated: only with --approx windowed"),
+        (["score", "{sample}", "--out", "{tmp}/o", "--approx", "hierarchical", "--refine", "3"],
+         "argument --refine: only with --approx windowed"),
+        (["score", "{sample}", "--out", "{tmp}/o", "--approx", "windowed", "--refine", "-1"],
+         "argument --refine: must be an integer >= 0, got -1"),
     ],
     ids=["unknown-subcommand", "no-subcommand", "missing-required-option",
          "missing-conversation", "unknown-option", "bad-conversation-render",
          "bad-conversation-score", "out-is-a-file", "unknown-approx", "restated-not-a-share",
-         "restated-without-windowed"],
+         "restated-without-windowed", "refine-without-windowed", "refine-negative"],
 )
 def test_bad_usage_exits_2_with_one_clear_line(
     argv: list[str], says: str, bad_conversation: Path, server_url: str, tmp_path: Path,
@@ -258,6 +262,12 @@ def test_score_approx_is_labelled_and_reports_its_cost(
     assert " memories restated later" in res.err
     m = MemoryMatrix.load(out / "matrix.parquet")
     assert m.meta["restated"] == 0.5 and isinstance(m.meta["extended"], dict)
+    res = run_cli(["score", SAMPLE, "--out", out, "--server", server_url, "--quiet",
+                   "--approx", "windowed", "--window", "1", "--refine", "2"], capsys)
+    assert res.code == 0, res.err
+    assert "; 2 heaviest rows made exact" in res.err
+    m = MemoryMatrix.load(out / "matrix.parquet")
+    assert m.meta["refine"] == 2 and len(m.meta["refined"]) == 2
 
 
 def test_score_exits_1_when_the_server_refuses_some_rows(

@@ -259,6 +259,7 @@ async def ascore_memories_windowed(
     *,
     window: int = DEFAULT_WINDOW,
     restated: float | None = None,
+    refine: int = 0,
     keys: Sequence[str] | None = None,
     priority: int | None = DEFAULT_PRIORITY,
 ) -> MemoryMatrix:
@@ -277,16 +278,25 @@ async def ascore_memories_windowed(
     so those cells — and the ones in between, which the longer prompt scores anyway — are
     exact too. It costs the longer prompts, no extra call; 0.5 is a reasonable start.
 
+    ``refine`` (a count) spends a second round on the rows that matter most: the ``refine``
+    memories with the largest windowed weight (row sum) whose window stopped before the last
+    response are ablated again over the whole conversation, so their rows are exact. The
+    ranking of the heaviest memories — what a top-``k`` reader uses — is then exact among
+    those the window found, at ``refine`` full-suffix calls whatever N is. It cannot find a
+    memory whose window shows nothing (``restated`` is the screen for that).
+
     Returns
     -------
     MemoryMatrix
         ``method="windowed"``, ``approximate=True``; ``meta`` holds ``window``,
-        ``restated``, per key the half-open conversation ``window_entries`` it scored, the
-        ``extended`` keys with the restating responses' entries, ``estimated_cells``, the
-        calls and prompt tokens spent against the exact run.
+        ``restated``, ``refine`` and the ``refined`` keys, per key the half-open conversation
+        ``window_entries`` it scored, the ``extended`` keys with the restating responses'
+        entries, ``estimated_cells``, the calls and prompt tokens spent against the exact run.
     """
     if window < 1:
         raise ScoringError(f"window must be >= 1 response, got {window}")
+    if refine < 0:
+        raise ScoringError(f"refine must be a count >= 0, got {refine}")
     if restated is not None and not 0.0 < restated <= 1.0:
         raise ScoringError(f"restated must be a share in (0, 1], got {restated}")
     mem_keys = list(keys) if keys is not None else ctx.memory_keys()
@@ -329,6 +339,23 @@ async def ascore_memories_windowed(
             without[i, cols] = out.scores
         else:
             without[i], errors[i] = np.nan, out.error
+    n_conv = len(ctx.conversation)
+    refined = _heaviest_open_rows(
+        baseline, without, errors, [bool((entries >= spans[k][1]).any()) for k in mem_keys],
+        refine,
+    )
+    sent = sum(len(r.prompt) for r in reqs)
+    if refined:
+        full = [ctx.wire_prompt(skip=skip_key(mem_keys[i])).request(priority=priority)
+                for i in refined]
+        _, again = await ascore_ablations(scorer, full, sizes=len(base_wp.entries))
+        sent += sum(len(r.prompt) for r in full)
+        for i, out in zip(refined, again, strict=True):
+            if out.ok:
+                without[i] = out.scores
+            else:
+                without[i], errors[i] = np.nan, out.error
+            spans[mem_keys[i]] = (spans[mem_keys[i]][0], n_conv)
     # a response before a memory cannot depend on it: those cells are exact (no divergence)
     # whether or not they were sent; only the cells after a memory's window are estimated
     estimated = int(sum(np.count_nonzero(entries >= spans[k][1]) for k in mem_keys))
@@ -338,10 +365,12 @@ async def ascore_memories_windowed(
         "restated": restated,
         "extended": extended,
         "window_entries": {k: list(v) for k, v in spans.items()},
+        "refine": refine,
+        "refined": [mem_keys[i] for i in refined],
         "estimated_cells": estimated,
-        "calls": len(reqs),
+        "calls": len(reqs) + len(refined),
         "exact_calls": len(mem_keys) + 1,
-        "prompt_tokens_sent": int(sum(len(r.prompt) for r in reqs)),
+        "prompt_tokens_sent": int(sent),
         "exact_prompt_tokens": int(exact_tokens),
         **scorer_meta(scorer),
     }
@@ -353,6 +382,25 @@ async def ascore_memories_windowed(
 
 
 score_memories_windowed = sync_twin(ascore_memories_windowed, "score_memories_windowed")
+
+
+def _heaviest_open_rows(
+    baseline: FloatArray,
+    without: FloatArray,
+    errors: Sequence[str | None],
+    open_rows: Sequence[bool],
+    count: int,
+) -> list[int]:
+    """The ``count`` rows with the largest windowed weight (row sum of the divergence) that
+    succeeded, have some weight, and whose window left later responses unscored; heaviest
+    first (ties: the earlier row)."""
+    if count <= 0 or not len(open_rows):
+        return []
+    weights = np.nan_to_num(divergence(baseline, without), nan=0.0).sum(axis=1)
+    order = np.argsort(-weights, kind="stable")
+    picked = [int(i) for i in order
+              if open_rows[i] and errors[i] is None and weights[i] > 0.0]
+    return picked[:count]
 
 
 def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
