@@ -77,6 +77,21 @@ def build_conversation(
     relevant_every: int = 6,
 ) -> ContextState:
     """A LoCoMo-derived conversation of about ``target_tokens`` with ``n_memories`` memories."""
+    return conversation_and_messages(
+        layout, n_memories=n_memories, target_tokens=target_tokens, tokenizer=tokenizer,
+        locomo=locomo, relevant_every=relevant_every)[0]
+
+
+def conversation_and_messages(
+    layout: str,
+    *,
+    n_memories: int,
+    target_tokens: int,
+    tokenizer: Any,
+    locomo: Path,
+    relevant_every: int = 6,
+) -> tuple[ContextState, list[dict[str, str]]]:
+    """:func:`build_conversation` and the plain messages it was rendered from."""
     data = json.loads(locomo.read_text())
     conv = data[0]["conversation"]
     turns = [t for s in range(1, 20) for t in conv.get(f"session_{s}", [])]
@@ -104,12 +119,12 @@ def build_conversation(
     # questions and ChatML markup take a share that is only known once rendered)
     budget = target_tokens // 2
     for _ in range(8):
-        ctx = _assemble(layout, head, memories, filler, relevant, budget, tokenizer)
+        ctx, messages = _assemble(layout, head, memories, filler, relevant, budget, tokenizer)
         have = len(ctx.wire_prompt())
         if have >= target_tokens or budget > 10 * target_tokens:
-            return ctx
+            break
         budget += target_tokens - have + 16
-    return ctx
+    return ctx, messages
 
 
 def _assemble(
@@ -120,7 +135,7 @@ def _assemble(
     relevant: set[int],
     budget: int,
     tokenizer: Any,
-) -> ContextState:
+) -> tuple[ContextState, list[dict[str, str]]]:
     def qa(k: str, f: str) -> list[dict[str, str]]:
         if memories.index((k, f)) not in relevant:  # surfaced, never used (the common case)
             return [{"role": "memory", "key": k, "content": f}]
@@ -156,7 +171,7 @@ def _assemble(
         out += p
     for k, f in memories[mi:]:
         out += qa(k, f)
-    return context_from_messages(out, tokenizer)
+    return context_from_messages(out, tokenizer), out
 
 
 def exact_minimum(ctx: ContextState) -> tuple[int, int]:
