@@ -20,7 +20,11 @@ HTTP, writing the matrix files and the heatmap). For each layout this module:
    (median of ``--cli-repeats``) against one embedded server (``start_server_process``),
    started once, before the first ``score``, and kept for the whole run; ``--chunk-size`` is
    the number of memories, as in the in-process exact run (one batch), so that the fixed cost
-   is not a difference in chunking;
+   is not a difference in chunking. The server's engine keeps the KV of recent prompts
+   between calls (its persistent prefix cache): a repeat would reuse the previous run's
+   baseline and compute a fraction of the tokens (at 700 x 6, 223 instead of 1,106). The
+   in-process exact run clears its engine's cache before each run, so before each timed
+   ``score`` a few tiny unrelated ``/score`` calls push those prefixes out (untimed);
 4. reads ``DIR/matrix.npz`` back and checks it against the in-process exact matrix (max
    ``|diff|`` of the baseline and ablated totals <= 1e-3, else it stops with an error).
 
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,10 @@ from scoring_kit.server.process import ServerProcess, start_server_process  # no
 DEFAULT_POINT = "2000x20"
 #: the CLI's matrix must equal the in-process exact matrix within this (log-prob totals)
 MATRIX_ATOL = 1e-3
+#: the unrelated one-prompt ``/score`` calls that empty the server's prefix cache before each
+#: timed ``score`` (the engine keeps ``prefix_cache_entries``, 4 by default, most recent
+#: first); each prompt is FLUSH_LEN tokens whose first id differs from every other's
+FLUSH_CALLS, FLUSH_LEN = 8, 8
 
 
 class CliBenchError(RuntimeError):
@@ -119,6 +128,19 @@ def matrix_diff(cli: MemoryMatrix, exact: MemoryMatrix) -> dict[str, float]:
     return {"baseline": worst(cli.baseline, exact.baseline),
             "without": worst(cli.without, exact.without),
             "divergence": worst(cli.divergence, exact.divergence)}
+
+
+def flush_prefix_cache(url: str, avoid_first: int) -> None:
+    """Push the prefixes the server keeps between calls out with FLUSH_CALLS unrelated
+    prompts (none shares a first token with another or with the benchmark's prompt)."""
+    firsts = [t for t in range(1000, 1000 + FLUSH_CALLS + 1) if t != avoid_first][:FLUSH_CALLS]
+    for first in firsts:
+        body = {"model": "default", "prompt": [first, *range(300, 300 + FLUSH_LEN - 1)],
+                "score_ranges": [[FLUSH_LEN // 2, FLUSH_LEN]], "logprobs": 1}
+        req = urllib.request.Request(url.rstrip("/") + "/score", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as answer:
+            answer.read()
 
 
 def _tokenizer_cached(cache: Path) -> str:
@@ -216,8 +238,10 @@ class CliBench:
         """Time ``score FILE --server URL --out DIR`` (median); check its matrix."""
         url = self._server_url()
         n = max(1, len(ctx.memory_keys()))
+        first = int(ctx.wire_prompt().tokens[0])
         times, diffs, warnings = [], [], set()
         for i in range(self.repeats):
+            flush_prefix_cache(url, first)  # every run starts with no kept prefix, as in process
             out = self.workdir / f"{path.stem}-score-{i}"
             wall, _, err = self._run(["score", str(path), "--server", url, "--out", str(out),
                                       "--quiet", "--chunk-size", str(n)])

@@ -178,21 +178,32 @@ def test_cli_measure_end_to_end(
     tiny: tuple[Any, list[dict[str, str]]], engine: Any, server_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """render and score run as subprocesses of this interpreter; the matrix is checked."""
+    """render and score run as subprocesses of this interpreter; the matrix is checked, and
+    every timed ``score`` finds the server's prefix cache empty (it computes what the
+    in-process exact run computes from a cleared cache)."""
     from scoring_kit.backends.local import LocalScorer
     from scoring_kit.scoring.matrix import score_memories
 
     cli = _cli_bench()
     ctx, messages = tiny
+    engine.clear_cache()
+    engine.reset_stats()
     exact = score_memories(ctx, LocalScorer(engine), chunk_size=3, progress=False)
+    exact_fwd = engine.stats.forward_tokens
+    # the session's server runs this engine: its stats count what the server computes
+    engine.reset_stats()
+    cli.flush_prefix_cache(server_url, int(ctx.wire_prompt().tokens[0]))
+    flush_fwd = engine.stats.forward_tokens
     row = {"seed": {"s": 4.0}, "exact": {"s": 1.0}, "bound": 2.0}
-    with cli.CliBench(repeats=1, server_url=server_url) as b:
+    engine.reset_stats()
+    with cli.CliBench(repeats=2, server_url=server_url) as b:
         got = b.measure("late", ctx, messages, exact, row, engine.tokenizer)
+    assert engine.stats.forward_tokens == 2 * (flush_fwd + exact_fwd)  # no run reused a prefix
     assert got["score"]["max_abs_diff"]["without"] <= cli.MATRIX_ATOL
     assert got["score"]["speedup"] == pytest.approx(4.0 / got["score"]["s"])
     assert got["score"]["share_of_bound"] == pytest.approx(got["score"]["speedup"] / 2.0)
     assert got["score"]["fixed_cost_s"] == pytest.approx(got["score"]["s"] - 1.0)
-    assert len(got["render"]["runs_s"]) == 2 and got["render"]["first_cache"] in ("warm", "cold", "off")
+    assert len(got["render"]["runs_s"]) == 3 and got["render"]["first_cache"] in ("warm", "cold", "off")
     lines = capsys.readouterr().out.splitlines()
     assert [w.split()[0] for w in lines if w.split()[:1] in (["cli"], ["render"])] == [
         "cli", "render"]
