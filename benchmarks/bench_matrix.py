@@ -4,6 +4,7 @@ approximate ways, on the embedded engine, in one run.
     .venv/bin/python benchmarks/bench_matrix.py            # default: 2.2k+ tokens, 24 memories
     .venv/bin/python benchmarks/bench_matrix.py --ways seed,exact,window,restated,hier --window 4
     .venv/bin/python benchmarks/bench_matrix.py --repeats 5 --device cuda
+    .venv/bin/python benchmarks/bench_matrix.py --cli      # + end-to-end CLI figures, 2000 x 20
 
 Two conversations are built from LoCoMo dialogue (real text) with 24 memories each:
 ``even`` (memories spread evenly through the conversation) and ``late`` (memories surfaced
@@ -31,11 +32,20 @@ minimum ``L + sum_i (L - e_i)`` and the speedup bound it implies, engine tokens/
 raw single-pass prefill throughput (timed just before and just after the exact run), and for (c)-(e) top-5 recall against the exact matrix. It also
 times building a 1000 x 1000 divergence matrix from raw totals. Ratios are what to read: the
 machine is shared and noisy.
+
+``--cli`` (see ``benchmarks/bench_cli.py``) runs at ``--cli-point`` (default 2000 tokens x 20
+memories, both layouts, ways seed and exact unless ``--ways`` says more) and adds two rows to
+each table: ``cli``, the wall time of ``scoring-kit score FILE --server URL`` run as a
+subprocess against one embedded server (median of ``--cli-repeats``; speedup over the seed's
+way, share of the bound, and the fixed cost over the in-process exact time; its matrix checked
+against the exact one), and ``render``, the wall time of ``scoring-kit render FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -64,6 +74,9 @@ from scoring_kit.scoring.approx import (  # noqa: E402
 from scoring_kit.scoring.divergence import divergence  # noqa: E402
 from scoring_kit.scoring.matrix import MemoryMatrix, score_memories  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_cli import DEFAULT_POINT, CliBench, parse_point  # noqa: E402
+
 LOCOMO = default_locomo_path()
 
 
@@ -77,6 +90,21 @@ def build_conversation(
     relevant_every: int = 6,
 ) -> ContextState:
     """A LoCoMo-derived conversation of about ``target_tokens`` with ``n_memories`` memories."""
+    return conversation_and_messages(
+        layout, n_memories=n_memories, target_tokens=target_tokens, tokenizer=tokenizer,
+        locomo=locomo, relevant_every=relevant_every)[0]
+
+
+def conversation_and_messages(
+    layout: str,
+    *,
+    n_memories: int,
+    target_tokens: int,
+    tokenizer: Any,
+    locomo: Path,
+    relevant_every: int = 6,
+) -> tuple[ContextState, list[dict[str, str]]]:
+    """:func:`build_conversation` and the plain messages it was rendered from."""
     data = json.loads(locomo.read_text())
     conv = data[0]["conversation"]
     turns = [t for s in range(1, 20) for t in conv.get(f"session_{s}", [])]
@@ -104,12 +132,12 @@ def build_conversation(
     # questions and ChatML markup take a share that is only known once rendered)
     budget = target_tokens // 2
     for _ in range(8):
-        ctx = _assemble(layout, head, memories, filler, relevant, budget, tokenizer)
+        ctx, messages = _assemble(layout, head, memories, filler, relevant, budget, tokenizer)
         have = len(ctx.wire_prompt())
         if have >= target_tokens or budget > 10 * target_tokens:
-            return ctx
+            break
         budget += target_tokens - have + 16
-    return ctx
+    return ctx, messages
 
 
 def _assemble(
@@ -120,7 +148,7 @@ def _assemble(
     relevant: set[int],
     budget: int,
     tokenizer: Any,
-) -> ContextState:
+) -> tuple[ContextState, list[dict[str, str]]]:
     def qa(k: str, f: str) -> list[dict[str, str]]:
         if memories.index((k, f)) not in relevant:  # surfaced, never used (the common case)
             return [{"role": "memory", "key": k, "content": f}]
@@ -156,7 +184,7 @@ def _assemble(
         out += p
     for k, f in memories[mi:]:
         out += qa(k, f)
-    return context_from_messages(out, tokenizer)
+    return context_from_messages(out, tokenizer), out
 
 
 def exact_minimum(ctx: ContextState) -> tuple[int, int]:
@@ -226,8 +254,13 @@ def run_layout(
     ctx: ContextState,
     args: argparse.Namespace,
     seed_timed: dict[tuple[int, ...], tuple[str, float, int]],
+    cli: Callable[[MemoryMatrix, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Time the ways on one conversation and print a table; return the figures."""
+    """Time the ways on one conversation and print a table; return the figures.
+
+    ``cli(exact_matrix, row)`` (``--cli``) prints its rows after the exact one and returns
+    its figures, kept as ``row["cli"]``.
+    """
     base = ctx.wire_prompt()
     L, n, m = len(base), len(ctx.memory_keys()), len(base.ranges)
     seed_tokens, minimum = exact_minimum(ctx)
@@ -296,6 +329,9 @@ def run_layout(
           f"{exact_fwd / minimum:>8.2f}{exact_fwd / t_exact:>9,.0f}  "
           f"{t_seed / t_exact / bound:.0%} of the bound; "
           f"{exact_fwd / t_exact / raw_tps:.0%} of raw prefill tokens/s")
+    if cli is not None:
+        row["cli"] = cli(exact_m, row)
+
     def windowed(w: int, restated: float | None = None) -> Callable[[], MemoryMatrix]:
         return lambda: score_memories_windowed(ctx, scorer, window=w, restated=restated)
 
@@ -361,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per measurement of exact and approximate ways (median); 1 keeps "
                          "the default run near 10 minutes on 2 CPU cores")
-    ap.add_argument("--ways", default="seed,exact,window,restated",
+    ap.add_argument("--ways", default=None,
                     help="comma list of seed,exact,window,restated,hier (seed and exact always "
-                         "run)")
+                         "run; default seed,exact,window,restated, with --cli seed,exact)")
     ap.add_argument("--window", type=comma_list(int, lambda w: w >= 1, "integers >= 1"),
                     default="1",
                     help="responses after each memory the windowed mode scores; a comma list "
@@ -380,13 +416,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-every-layout", action="store_true",
                     help="time the seed's way on every layout (default: once per set of prompt "
                          "lengths; both default layouts have the same, so it runs once)")
-    ap.add_argument("--memories", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=2200)
+    ap.add_argument("--memories", type=int, default=None, help="default 24")
+    ap.add_argument("--tokens", type=int, default=None, help="default 2200")
     ap.add_argument("--layouts", default="even,late")
     ap.add_argument("--device", default=None)
     ap.add_argument("--locomo", type=Path, default=LOCOMO)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    g = ap.add_argument_group("end-to-end CLI figures (benchmarks/bench_cli.py)")
+    g.add_argument("--cli", action="store_true",
+                   help="at --cli-point, also time `scoring-kit score FILE --server URL` and "
+                        "`scoring-kit render FILE` as subprocesses (one embedded server for the "
+                        "run) beside the in-process seed and exact ways")
+    g.add_argument("--cli-point", type=parse_point, default=DEFAULT_POINT,
+                   metavar="TOKENSxMEMORIES",
+                   help=f"the point of the --cli run (default {DEFAULT_POINT}; replaces --tokens "
+                        "and --memories)")
+    g.add_argument("--cli-repeats", type=int, default=3,
+                   help="CLI calls per measurement (median; default 3)")
+    g.add_argument("--cli-fresh-cache", action="store_true",
+                   help="the CLI children get an empty $SCORING_KIT_CACHE, so the first render "
+                        "is cold (converts the GGUF tokenizer)")
     args = ap.parse_args(argv)
+    if args.cli:
+        if args.tokens is not None or args.memories is not None:
+            ap.error("--cli measures at --cli-point TOKENSxMEMORIES: drop --tokens/--memories")
+        if args.cli_repeats < 1:
+            ap.error("--cli-repeats must be >= 1")
+        args.tokens, args.memories = args.cli_point
+    args.tokens = 2200 if args.tokens is None else args.tokens
+    args.memories = 24 if args.memories is None else args.memories
+    if args.ways is None:
+        args.ways = "seed,exact" if args.cli else "seed,exact,window,restated"
 
     t0 = time.perf_counter()
     engine = Engine.load(device=args.device)
@@ -394,10 +454,23 @@ def main(argv: list[str] | None = None) -> int:
     scorer = LocalScorer(engine)
     results: dict[str, Any] = {"device": engine.device, "layouts": {}}
     seed_timed: dict[tuple[int, ...], tuple[str, float, int]] = {}
-    for layout in args.layouts.split(","):
-        ctx = build_conversation(layout, n_memories=args.memories, target_tokens=args.tokens,
-                                 tokenizer=engine.tokenizer, locomo=args.locomo)
-        results["layouts"][layout] = run_layout(layout, engine, scorer, ctx, args, seed_timed)
+    with contextlib.ExitStack() as stack:
+        bench = None
+        if args.cli:
+            bench = stack.enter_context(CliBench(repeats=args.cli_repeats, device=args.device,
+                                                 fresh_cache=args.cli_fresh_cache))
+        for layout in args.layouts.split(","):
+            ctx, messages = conversation_and_messages(
+                layout, n_memories=args.memories, target_tokens=args.tokens,
+                tokenizer=engine.tokenizer, locomo=args.locomo)
+            cli = None if bench is None else functools.partial(
+                bench.measure, layout, ctx, messages, tokenizer=engine.tokenizer)
+            results["layouts"][layout] = run_layout(layout, engine, scorer, ctx, args,
+                                                    seed_timed, cli)
+        if bench is not None:
+            results["cli"] = {"point": list(args.cli_point), "repeats": args.cli_repeats,
+                              "server_start_s": bench.server_start_s,
+                              "fresh_cache": args.cli_fresh_cache}
 
     t_asm = bench_assembly()
     results["assembly_1000x1000_ms"] = t_asm * 1000

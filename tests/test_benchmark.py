@@ -102,3 +102,108 @@ def test_scale_refuses_unknown_ways_before_loading_a_model(
     with pytest.raises(SystemExit) as info:
         _scale().main(["--ways", ways])
     assert info.value.code == 2 and "--ways" in capsys.readouterr().err
+
+
+# ── --cli: end-to-end CLI figures (benchmarks/bench_cli.py) ────────────────
+def _cli_bench() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cli.py"
+    spec = importlib.util.spec_from_file_location("bench_cli", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(bench: ModuleType, tokenizer: Any) -> tuple[Any, list[dict[str, str]]]:
+    """The late layout at 300 tokens x 3 memories, and its plain messages."""
+    return bench.conversation_and_messages(
+        "late", n_memories=3, target_tokens=300, tokenizer=tokenizer, locomo=bench.LOCOMO)
+
+
+def test_cli_point_parsing() -> None:
+    import argparse
+
+    cli = _cli_bench()
+    assert cli.parse_point("2000x20") == (2000, 20) and cli.parse_point("700X6") == (700, 6)
+    for bad in ("2000", "x6", "100x4", "700x0", "axb"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_point(bad)
+
+
+@pytest.mark.parametrize("argv", [["--cli", "--tokens", "700"], ["--cli", "--memories", "6"],
+                                  ["--cli", "--cli-point", "700"],
+                                  ["--cli", "--cli-repeats", "0"]])
+def test_cli_options_are_refused_before_loading_a_model(
+    bench: ModuleType, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2 and "--cli" in capsys.readouterr().err
+
+
+def test_cli_file_reads_back_into_the_benchmark_prompt(
+    tiny: tuple[Any, list[dict[str, str]]], tokenizer: Any, tmp_path: Path
+) -> None:
+    cli = _cli_bench()
+    ctx, messages = tiny
+    assert len(ctx.memory_keys()) == 3 and len(ctx.wire_prompt()) >= 300
+    assert all(m.get("key") for m in messages if m["role"] == "memory")
+    path = cli.write_messages(messages, tmp_path / "late.jsonl")
+    cli.check_round_trip(path, ctx, tokenizer)
+    # a file that reads into another prompt stops the benchmark
+    changed = [dict(m, content=m["content"] + " (changed)") if m["role"] == "memory" else m
+               for m in messages]
+    with pytest.raises(cli.CliBenchError, match="does not read back"):
+        cli.check_round_trip(cli.write_messages(changed, tmp_path / "x.jsonl"), ctx, tokenizer)
+
+
+def test_cli_matrix_diff_needs_the_same_keys_and_responses(bench: ModuleType) -> None:
+    import numpy as np
+
+    cli = _cli_bench()
+    a = bench.MemoryMatrix(("m1", "m2"), np.array([3, 5]), np.array([-1.0, -2.0]),
+                           np.array([[-1.5, -2.0], [-1.0, -2.25]]), (None, None))
+    b = bench.MemoryMatrix(("m1", "m2"), np.array([3, 5]), np.array([-1.0, -2.0005]),
+                           np.array([[-1.5, -2.0], [-1.0, -2.25]]), (None, None))
+    assert cli.matrix_diff(a, a) == {"baseline": 0.0, "without": 0.0, "divergence": 0.0}
+    assert cli.matrix_diff(a, b)["baseline"] == pytest.approx(5e-4)
+    other = bench.MemoryMatrix(("m2", "m1"), a.entries, a.baseline, a.without, (None, None))
+    with pytest.raises(cli.CliBenchError, match="other keys"):
+        cli.matrix_diff(other, a)
+
+
+@pytest.mark.slow
+def test_cli_measure_end_to_end(
+    tiny: tuple[Any, list[dict[str, str]]], engine: Any, server_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """render and score run as subprocesses of this interpreter; the matrix is checked, and
+    every timed ``score`` finds the server's prefix cache empty (it computes what the
+    in-process exact run computes from a cleared cache)."""
+    from scoring_kit.backends.local import LocalScorer
+    from scoring_kit.scoring.matrix import score_memories
+
+    cli = _cli_bench()
+    ctx, messages = tiny
+    engine.clear_cache()
+    engine.reset_stats()
+    exact = score_memories(ctx, LocalScorer(engine), chunk_size=3, progress=False)
+    exact_fwd = engine.stats.forward_tokens
+    # the session's server runs this engine: its stats count what the server computes
+    engine.reset_stats()
+    cli.flush_prefix_cache(server_url, int(ctx.wire_prompt().tokens[0]))
+    flush_fwd = engine.stats.forward_tokens
+    row = {"seed": {"s": 4.0}, "exact": {"s": 1.0}, "bound": 2.0}
+    engine.reset_stats()
+    with cli.CliBench(repeats=2, server_url=server_url) as b:
+        got = b.measure("late", ctx, messages, exact, row, engine.tokenizer)
+    assert engine.stats.forward_tokens == 2 * (flush_fwd + exact_fwd)  # no run reused a prefix
+    assert got["score"]["max_abs_diff"]["without"] <= cli.MATRIX_ATOL
+    assert got["score"]["speedup"] == pytest.approx(4.0 / got["score"]["s"])
+    assert got["score"]["share_of_bound"] == pytest.approx(got["score"]["speedup"] / 2.0)
+    assert got["score"]["fixed_cost_s"] == pytest.approx(got["score"]["s"] - 1.0)
+    assert len(got["render"]["runs_s"]) == 3 and got["render"]["first_cache"] in ("warm", "cold", "off")
+    lines = capsys.readouterr().out.splitlines()
+    assert [w.split()[0] for w in lines if w.split()[:1] in (["cli"], ["render"])] == [
+        "cli", "render"]
