@@ -188,11 +188,18 @@ def _assemble(
 
 
 def exact_minimum(ctx: ContextState) -> tuple[int, int]:
-    """(seed-way tokens, exact-LOO minimum tokens) for the full matrix of ``ctx``."""
+    """(seed-way tokens, exact-LOO minimum tokens) for the full matrix of ``ctx``.
+
+    The seed prefills every prompt whole. The minimum is what exact leave-one-out cannot
+    avoid: the baseline up to its last scored token, and per memory the tokens after it up to
+    that last scored token (a memory after the last response costs nothing; nor do the
+    tokens after the last response, which no score reads).
+    """
     base = ctx.wire_prompt()
     L = len(base)
+    last = max((int(b) for _, b in base.ranges), default=0)
     seed = L
-    minimum = L
+    minimum = last
     ends: dict[str, int] = {}
     for s in base.spans:
         node = ctx.section(s.section)[s.index]
@@ -200,7 +207,7 @@ def exact_minimum(ctx: ContextState) -> tuple[int, int]:
             ends.setdefault(node.key, s.end)
     for k in ctx.memory_keys():
         seed += len(ctx.wire_prompt(skip=skip_key(k)))
-        minimum += L - ends[k]
+        minimum += max(0, last - ends[k])
     return seed, minimum
 
 

@@ -120,8 +120,9 @@ def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
     base = ctx.wire_prompt()
     L = len(base)
     scored = [(int(a), int(b)) for a, b in base.ranges]
+    last = max((b for _, b in scored), default=0)  # no score reads a token after this
     seed = span(0, L) + L * head
-    minimum = span(0, L) + sum(b - a for a, b in scored) * head
+    minimum = span(0, last) + sum(b - a for a, b in scored) * head
     first: dict[str, tuple[int, int]] = {}
     for s in base.spans:
         node = ctx.section(s.section)[s.index]
@@ -131,8 +132,9 @@ def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
         n_k = len(ctx.wire_prompt(skip=skip_key(k)))
         seed += span(0, n_k) + n_k * head
         start, end = first[k]
-        # the tokens after the memory's first node, at their places in the ablated prompt
-        minimum += span(start, start + (L - end))
+        # the tokens after the memory's first node up to the last scored one, at their
+        # places in the ablated prompt
+        minimum += span(start, start + max(0, last - end))
         minimum += sum(max(0, b - max(a, end)) for a, b in scored) * head
     return seed, minimum
 

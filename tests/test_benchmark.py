@@ -104,6 +104,37 @@ def test_scale_refuses_unknown_ways_before_loading_a_model(
     assert info.value.code == 2 and "--ways" in capsys.readouterr().err
 
 
+def test_scale_way_names() -> None:
+    parse = _scale()._parse_way
+    assert parse("w1") == (1, None, 0) and parse("w2+r0.5") == (2, 0.5, 0)
+    assert parse("w1+r0.5+f8") == (1, 0.5, 8) and parse("w1+f4") == (1, None, 4)
+    for bad in ("w0", "w1+r0", "w1+r1.5", "w1+f", "f4", "w1+f4+r0.5"):
+        assert parse(bad) is None, bad
+
+
+def test_flop_bound_is_the_token_bound_when_every_token_costs_the_same(
+    bench: ModuleType, layouts: dict[str, Any]
+) -> None:
+    from types import SimpleNamespace
+
+    scale = _scale()
+    for ctx in layouts.values():
+        seed, minimum = bench.exact_minimum(ctx)
+        # head_dim 0 and no vocabulary: no attention or LM-head cost, only the layer weights
+        flat = SimpleNamespace(hidden_size=1, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=8, vocab_size=0)
+        f_seed, f_min = scale.flop_counts(ctx, flat)
+        assert f_seed / f_min == pytest.approx(seed / minimum)
+        # with attention priced, a late suffix token (many keys before it) costs more than an
+        # average prefill token: the FLOP bound is below the token bound on the late layout
+        real = SimpleNamespace(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+                               vocab_size=0)
+        r_seed, r_min = scale.flop_counts(ctx, real)
+        if ctx is layouts["late"]:
+            assert r_seed / r_min < seed / minimum
+
+
 # ── --cli: end-to-end CLI figures (benchmarks/bench_cli.py) ────────────────
 def _cli_bench() -> ModuleType:
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cli.py"
