@@ -242,26 +242,50 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
                     "top5_recall_per_response": per, "peak_mb": _peak_mb(),
                     "calls": a.meta.get("calls")}
 
-    if args["vllm"]:
-        from scoring_kit.backends.vllm import VLLMScorer
-        from scoring_kit.scoring.matrix import ascore_memories
-
-        async def through_vllm() -> Any:
-            v = VLLMScorer(args["vllm"], model=args["vllm_model"])
-            try:
-                return await ascore_memories(ctx, v, progress=False)
-            finally:
-                await v.aclose()
-
-        import asyncio
-
-        t0 = time.perf_counter()
-        vm = asyncio.run(through_vllm())
-        t_v = time.perf_counter() - t0
-        out["vllm"] = {"s": t_v, "engine_over_vllm": t_v / t_exact,
-                       "max_abs_diff": float(np.nanmax(np.abs(vm.divergence - exact_m.divergence)))}
+    if args["vllm"] and (not args["vllm_points"] or (tokens, memories) in args["vllm_points"]):
+        try:
+            out["vllm"] = _through_vllm(ctx, exact_m, t_exact, args)
+        except Exception as exc:  # the point's other figures stand
+            out["vllm"] = {"error": f"{type(exc).__name__}: {exc}"}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _through_vllm(ctx: Any, exact_m: Any, t_exact: float, args: dict[str, Any]) -> dict[str, Any]:
+    """The exact matrix through ``--backend vllm``: at ``--vllm URL``, or (``auto``) on a vLLM
+    started here from the real-server target's environment for this point only (so it
+    takes no CPU while the engine is timed)."""
+    import asyncio
+    import contextlib
+
+    import numpy as np
+
+    from scoring_kit.backends.vllm import VLLMScorer
+    from scoring_kit.scoring.matrix import ascore_memories
+
+    async def run(url: str, model: str | None, key: str | None, *, warm_up: bool = False) -> Any:
+        v = VLLMScorer(url, model=model, api_key=key)
+        try:
+            keys = ctx.memory_keys()[:1] if warm_up else None
+            return await ascore_memories(ctx, v, keys=keys, progress=False)
+        finally:
+            await v.aclose()
+
+    with contextlib.ExitStack() as stack:
+        if args["vllm"] == "auto":
+            sys.path.insert(0, str(ROOT / "scripts"))
+            import real_servers
+
+            srv, key, _ = stack.enter_context(real_servers.running_vllm())
+            url, model = srv.url, real_servers.SERVED_NAME
+        else:
+            url, model, key = args["vllm"], args["vllm_model"], None
+        asyncio.run(run(url, model, key, warm_up=True))  # first requests allocate; untimed
+        t0 = time.perf_counter()
+        vm = asyncio.run(run(url, model, key))
+        t_v = time.perf_counter() - t0
+    return {"s": t_v, "engine_over_vllm": t_v / t_exact,
+            "max_abs_diff": float(np.nanmax(np.abs(vm.divergence - exact_m.divergence)))}
 
 
 def _child(q: Any, tokens: int, memories: int, layout: str, args: dict[str, Any]) -> None:
@@ -303,8 +327,10 @@ def _print_row(r: dict[str, Any], ways: list[str]) -> None:
         peak = f"{w['peak_mb']:>6,.0f} MB" if "peak_mb" in w else " " * 9
         print(f"        {way:<12}{w['s']:>8.1f} s {w['speedup']:>7.1f}x {w['forward_tokens']:>9,}"
               f" tok {peak}  {extra}")
-    if "vllm" in r:
-        print(f"        vllm     {r['vllm']['s']:>9.1f} s  = {r['vllm']['engine_over_vllm']:.2f}x "
+    if "vllm" in r and "error" in r["vllm"]:
+        print(f"        vllm         FAILED: {r['vllm']['error']}")
+    elif "vllm" in r:
+        print(f"        vllm        {r['vllm']['s']:>8.1f} s  = {r['vllm']['engine_over_vllm']:.2f}x "
               f"the engine's exact time; max |diff| {r['vllm']['max_abs_diff']:.1e}")
 
 
@@ -318,7 +344,7 @@ def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> Non
         if "error" in r:
             continue
         for way in ["seed", *ways, "vllm"]:
-            if way in r:
+            if way in r and "s" in r[way]:
                 recs.append({"way": way, "layout": r["layout"], "L": r["target_tokens"],
                              "N": r["memories"], "seconds": r[way]["s"]})
     if not recs:
@@ -362,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--locomo", type=Path, default=default_locomo_path())
     ap.add_argument("--vllm", default=None, metavar="URL",
-                    help="also score the exact matrix through --backend vllm at URL")
+                    help="also score the exact matrix through --backend vllm at URL, or "
+                         "'auto': on a vLLM started per point from the real-server "
+                         "target's environment (scripts/server_envs.py vllm)")
+    ap.add_argument("--vllm-points", type=_parse_grid, default=None, metavar="GRID",
+                    help="only these TOKENSxMEMORIES points go through vLLM (default all)")
     ap.add_argument("--vllm-model", default=None)
     ap.add_argument("--cache", type=Path, default=ROOT / "out" / "scale-cache",
                     help="exact matrices of earlier runs, reused for the same prompt (so a "
@@ -379,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     child_args = {"device": args.device, "locomo": str(args.locomo), "ways": ways,
                   "seed_budget": args.seed_budget, "vllm": args.vllm,
                   "vllm_model": args.vllm_model, "cache": str(args.cache),
+                  "vllm_points": args.vllm_points,
                   "fresh": args.fresh}
     t0 = time.perf_counter()
     rows = []
