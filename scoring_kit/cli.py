@@ -307,9 +307,6 @@ def cmd_score(args: argparse.Namespace) -> int:
             save_context(live.context, out / "context.jsonl")
     import dataclasses
 
-    from .analysis.charts import heatmap
-    from .analysis.export import save_chart
-
     check = sess.tokenizer_check
     matrix = dataclasses.replace(matrix, meta={
         "chat_template": _template_info(ctx), "score_span": ctx.score_span,
@@ -317,14 +314,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     # --out is the run's own folder: its files are replaced on a rerun
     matrix.save(out / "matrix.parquet", overwrite=True)
     matrix.save(out / "matrix.npz", overwrite=True)
-    chart = heatmap(matrix, ctx)
-    save_chart(chart, out / "heatmap.html", overwrite=True)
-    try:
-        save_chart(chart, out / "heatmap.png", overwrite=True)
-    except ExportError as exc:
-        print(f"scoring-kit: warning: heatmap.png not written: {exc}", file=sys.stderr)
+    written = "matrix.parquet"
+    if not args.no_chart:
+        from .analysis.charts import heatmap
+        from .analysis.export import save_chart
+
+        chart = heatmap(matrix, ctx)
+        save_chart(chart, out / "heatmap.html", overwrite=True)
+        written += ", heatmap.html"
+        try:
+            save_chart(chart, out / "heatmap.png", overwrite=True)
+            written += ", heatmap.png"
+        except ExportError as exc:
+            print(f"scoring-kit: warning: heatmap.png not written: {exc}", file=sys.stderr)
     n, m = matrix.shape
-    print(f"scored {n} memories x {m} responses -> {out}/matrix.parquet, heatmap.html, heatmap.png")
+    print(f"scored {n} memories x {m} responses -> {out}/{written}")
     if matrix.failed:
         failures = "; ".join(
             f"{k}: {e}" for k, e in zip(matrix.keys, matrix.errors, strict=True) if e)
@@ -484,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
                     help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.add_argument("--no-chart", action="store_true",
+                    help="write the matrix only, no heatmap.html/.png (saves importing and "
+                         "rendering Altair: several seconds per call)")
     sc.add_argument("--approx", choices=["windowed", "hierarchical"], default=None,
                     help="approximate matrix (labelled approximate; no checkpoint): windowed = "
                          "each memory's cells exact for the --window responses after it, later "

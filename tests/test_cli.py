@@ -208,6 +208,18 @@ def test_render_prints_the_exact_score_body(
 
 
 # ── score ───────────────────────────────────────────────────────────
+def test_score_no_chart_writes_the_matrix_only(
+    small: Path, server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    res = run_cli(["score", small, "--out", out, "--server", server_url, "--quiet",
+                   "--no-chart"], capsys)
+    assert res.code == 0, res.err
+    assert res.out == f"scored 3 memories x 2 responses -> {out}/matrix.parquet\n"
+    assert (out / "matrix.parquet").exists() and (out / "matrix.npz").exists()
+    assert not (out / "heatmap.html").exists() and not (out / "heatmap.png").exists()
+
+
 def test_score_writes_matrix_parquet_and_heatmaps(
     small: Path, small_ctx: ContextState, engine: Any, server_url: str, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
