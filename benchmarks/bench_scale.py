@@ -52,19 +52,30 @@ DEFAULT_GRID = "2000x16,2000x32,2000x64,2000x128,4000x64,8000x64"
 DEFAULT_WAYS = "exact,w1,w1+r0.5"
 
 
-def _parse_grid(text: str) -> list[tuple[int, int]]:
-    out = []
+def _parse_grid(text: str) -> list[tuple[int, int, str | None]]:
+    """``TOKENSxMEMORIES[:layout]`` points: (tokens, memories, layout or None for all)."""
+    out: list[tuple[int, int, str | None]] = []
     for part in text.split(","):
+        point, _, layout = part.partition(":")
         try:
-            t, n = part.lower().split("x")
-            out.append((int(t), int(n)))
+            t, n = point.lower().split("x")
+            out.append((int(t), int(n), layout or None))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"grid points are TOKENSxMEMORIES separated by commas, got {part!r}"
+                f"grid points are TOKENSxMEMORIES[:even|late] separated by commas, got {part!r}"
             ) from None
         if out[-1][0] < 200 or out[-1][1] < 1:
             raise argparse.ArgumentTypeError(f"grid point {part!r}: tokens >= 200, memories >= 1")
+        if layout not in ("", "even", "late"):
+            raise argparse.ArgumentTypeError(f"grid point {part!r}: layout is even or late")
     return out
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``old`` for one point: what ``new`` measured replaces, the rest stays."""
+    if "error" in new:
+        return {**old, "last_error": new["error"]} if old else new
+    return {**old, **new}
 
 
 def _parse_way(way: str) -> tuple[int, float | None, int] | None:
@@ -221,7 +232,7 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
     t_exact = float(out["exact"]["s"])
 
     for way in args["ways"]:
-        if way == "exact":
+        if way == "exact" or way in args.get("skip_ways", ()):
             continue
         engine.clear_cache()
         engine.reset_stats()
@@ -242,7 +253,8 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
                     "top5_recall_per_response": per, "peak_mb": _peak_mb(),
                     "calls": a.meta.get("calls")}
 
-    if args["vllm"] and (not args["vllm_points"] or (tokens, memories) in args["vllm_points"]):
+    if args["vllm"] and (not args["vllm_points"]
+                         or (tokens, memories) in [p[:2] for p in args["vllm_points"]]):
         try:
             out["vllm"] = _through_vllm(ctx, exact_m, t_exact, args)
         except Exception as exc:  # the point's other figures stand
@@ -398,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="exact matrices of earlier runs, reused for the same prompt (so a "
                          "rerun times only the approximate ways); default out/scale-cache")
     ap.add_argument("--fresh", action="store_true", help="recompute the exact matrices")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the figures already in --json: ways measured there for a "
+                         "point are skipped, the rest are measured and merged in")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench-scale.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "scale-growth.png")
     args = ap.parse_args(argv)
@@ -412,15 +427,31 @@ def main(argv: list[str] | None = None) -> int:
                   "vllm_points": args.vllm_points,
                   "fresh": args.fresh}
     t0 = time.perf_counter()
-    rows = []
-    for tokens, memories in args.grid:
-        for layout in args.layouts.split(","):
-            r = run_point(tokens, memories, layout, child_args)
-            rows.append(r)
+    rows: list[dict[str, Any]] = (
+        json.loads(args.json.read_text()) if args.merge and args.json.exists() else [])
+
+    def where(tokens: int, memories: int, layout: str) -> int | None:
+        return next((i for i, r in enumerate(rows) if (r["target_tokens"], r["memories"],
+                                                      r["layout"]) == (tokens, memories, layout)),
+                    None)
+
+    for tokens, memories, only in args.grid:
+        for layout in [only] if only else args.layouts.split(","):
+            at = where(tokens, memories, layout)
+            old = rows[at] if at is not None else {}
+            skip = [w for w in ways if w in old and "s" in old[w]] if args.merge else []
+            r = run_point(tokens, memories, layout, {**child_args, "skip_ways": skip})
+            r = _merge(old, r) if args.merge else r
+            if at is None:
+                rows.append(r)
+            else:
+                rows[at] = r
             _print_row(r, ways)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2))
-    growth_chart(rows, ways, args.chart)
+    all_ways = [w for w in dict.fromkeys(k for r in rows for k in r) if w == "exact"
+                or w == "hier" or _parse_way(w) is not None]
+    growth_chart(rows, all_ways, args.chart)
     print(f"total {time.perf_counter() - t0:.0f} s; figures in {args.json}, chart {args.chart}")
     return 0
 

@@ -105,8 +105,7 @@ def test_windowed_refine_makes_the_heaviest_rows_exact(
     # the two rows the window found heaviest (among those with later responses) are redone
     n_conv = len(ctx.conversation)
     open_rows = [i for i, k in enumerate(plain.keys)
-                 if (plain.entries >= plain.meta["window_entries"][k][1]).any()
-                 and plain.memory_weights[i] > 0]
+                 if (plain.entries >= plain.meta["window_entries"][k][1]).any()]
     heaviest = sorted(open_rows, key=lambda i: -plain.memory_weights[i])[:2]
     assert meta["refined"] == [plain.keys[i] for i in heaviest] and meta["refine"] == 2
     assert meta["calls"] == plain.meta["calls"] + 2

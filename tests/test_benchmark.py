@@ -87,10 +87,10 @@ def _scale() -> ModuleType:
 
 def test_scale_grid_parsing() -> None:
     scale = _scale()
-    assert scale._parse_grid("2000x16,8000X64") == [(2000, 16), (8000, 64)]
+    assert scale._parse_grid("2000x16,8000X64:late") == [(2000, 16, None), (8000, 64, "late")]
     import argparse
 
-    for bad in ("2000", "2000x", "x16", "100x4", "2000x0"):
+    for bad in ("2000", "2000x", "x16", "100x4", "2000x0", "2000x16:middle"):
         with pytest.raises(argparse.ArgumentTypeError):
             scale._parse_grid(bad)
 
@@ -102,6 +102,16 @@ def test_scale_refuses_unknown_ways_before_loading_a_model(
     with pytest.raises(SystemExit) as info:
         _scale().main(["--ways", ways])
     assert info.value.code == 2 and "--ways" in capsys.readouterr().err
+
+
+def test_scale_merge_keeps_what_a_rerun_did_not_measure() -> None:
+    merge = _scale()._merge
+    old = {"layout": "even", "w1": {"s": 1.0}, "vllm": {"s": 9.0}, "exact": {"s": 5.0}}
+    new = {"layout": "even", "w1+f8": {"s": 2.0}, "exact": {"s": 5.0, "reused_from": "x"}}
+    assert merge(old, new) == {"layout": "even", "w1": {"s": 1.0}, "vllm": {"s": 9.0},
+                               "exact": {"s": 5.0, "reused_from": "x"}, "w1+f8": {"s": 2.0}}
+    assert merge(old, {"error": "boom"}) == {**old, "last_error": "boom"}
+    assert merge({}, {"error": "boom"}) == {"error": "boom"}
 
 
 def test_scale_way_names() -> None:

@@ -392,14 +392,13 @@ def _heaviest_open_rows(
     count: int,
 ) -> list[int]:
     """The ``count`` rows with the largest windowed weight (row sum of the divergence) that
-    succeeded, have some weight, and whose window left later responses unscored; heaviest
-    first (ties: the earlier row)."""
+    succeeded and whose window left later responses unscored; heaviest first (ties, such as
+    rows whose window showed nothing: the earlier row, whose suffix is the longest)."""
     if count <= 0 or not len(open_rows):
         return []
     weights = np.nan_to_num(divergence(baseline, without), nan=0.0).sum(axis=1)
     order = np.argsort(-weights, kind="stable")
-    picked = [int(i) for i in order
-              if open_rows[i] and errors[i] is None and weights[i] > 0.0]
+    picked = [int(i) for i in order if open_rows[i] and errors[i] is None]
     return picked[:count]
 
 
