@@ -346,6 +346,34 @@ def _print_row(r: dict[str, Any], ways: list[str]) -> None:
               f"the engine's exact time; max |diff| {r['vllm']['max_abs_diff']:.1e}")
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The scale table (README / docs) from the figures of :func:`main`."""
+    ways = [w for w in dict.fromkeys(k for r in rows for k in r)
+            if w != "exact" and (w == "hier" or _parse_way(w) is not None)]
+    head = ["L", "N", "layout", "bound (FLOPs)", "seed s (how)", "exact s: x seed, % of bound "
+            "(% FLOP bound), peak MB", *[f"{w}: x seed, top-5 recall overall / per response"
+                                        for w in ways], "vLLM exact s (x engine exact)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r or "exact" not in r:
+            continue
+        e = r["exact"]
+        flop = e.get("share_of_flop_bound", e["share_of_bound"] * r["bound"] / r["flop_bound"])
+        cells = [f"{r['prompt_tokens']:,}", str(r["memories"]), r["layout"],
+                 f"{r['bound']:.2f}x ({r['flop_bound']:.2f}x)",
+                 f"{r['seed']['s']:,.0f} ({r['seed']['how'].split(':')[0]})",
+                 f"{e['s']:,.0f}: {e['speedup']:.1f}x, {e['share_of_bound']:.0%} ({flop:.0%}), "
+                 f"{e.get('peak_mb', float('nan')):,.0f}"]
+        for w in ways:
+            a = r.get(w)
+            cells.append(f"{a['speedup']:.1f}x, {a['top5_recall']:.2f} / "
+                         f"{a['top5_recall_per_response']:.2f}" if a and "s" in a else "-")
+        v = r.get("vllm")
+        cells.append(f"{v['s']:,.0f} ({v['engine_over_vllm']:.2f}x)" if v and "s" in v else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> None:
     """Cost (s) against N at the largest L and against L at N = 64, one line per way."""
     import altair as alt
@@ -410,12 +438,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="exact matrices of earlier runs, reused for the same prompt (so a "
                          "rerun times only the approximate ways); default out/scale-cache")
     ap.add_argument("--fresh", action="store_true", help="recompute the exact matrices")
+    ap.add_argument("--report", action="store_true",
+                    help="print the figures in --json as a markdown table, measure nothing")
     ap.add_argument("--merge", action="store_true",
                     help="add to the figures already in --json: ways measured there for a "
                          "point are skipped, the rest are measured and merged in")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench-scale.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "scale-growth.png")
     args = ap.parse_args(argv)
+    if args.report:
+        print(markdown_table(json.loads(args.json.read_text())))
+        return 0
     ways = [w for w in args.ways.split(",") if w]
     for w in ways:
         if w not in ("exact", "hier") and _parse_way(w) is None:

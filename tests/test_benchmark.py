@@ -114,6 +114,20 @@ def test_scale_merge_keeps_what_a_rerun_did_not_measure() -> None:
     assert merge({}, {"error": "boom"}) == {"error": "boom"}
 
 
+def test_scale_report_is_a_markdown_table() -> None:
+    row = {"target_tokens": 2000, "memories": 16, "layout": "late", "prompt_tokens": 2010,
+           "bound": 4.0, "flop_bound": 4.2, "seed": {"s": 100.0, "how": "timed"},
+           "exact": {"s": 30.0, "speedup": 3.3, "share_of_bound": 0.83, "peak_mb": 1469.0},
+           "w1+f8": {"s": 10.0, "speedup": 10.0, "top5_recall": 1.0,
+                     "top5_recall_per_response": 0.9},
+           "vllm": {"s": 75.0, "engine_over_vllm": 2.5}}
+    table = _scale().markdown_table([row, {"error": "boom", "layout": "even"}]).splitlines()
+    assert len(table) == 3 and table[0].count("|") == table[2].count("|")
+    assert "| 2,010 | 16 | late | 4.00x (4.20x) | 100 (timed) | 30: 3.3x, 83% (79%), 1,469 |" \
+        in table[2]
+    assert "10.0x, 1.00 / 0.90" in table[2] and "75 (2.50x)" in table[2]
+
+
 def test_scale_way_names() -> None:
     parse = _scale()._parse_way
     assert parse("w1") == (1, None, 0) and parse("w2+r0.5") == (2, 0.5, 0)
