@@ -253,7 +253,9 @@ def test_cli_measure_end_to_end(
     engine.reset_stats()
     with cli.CliBench(repeats=2, server_url=server_url) as b:
         got = b.measure("late", ctx, messages, exact, row, engine.tokenizer)
-    assert engine.stats.forward_tokens == 2 * (flush_fwd + exact_fwd)  # no run reused a prefix
+    # 2 timed runs and the one with the heatmap: no run reused a prefix
+    assert engine.stats.forward_tokens == 3 * (flush_fwd + exact_fwd)
+    assert got["score"]["with_heatmap_s"] > 0
     assert got["score"]["max_abs_diff"]["without"] <= cli.MATRIX_ATOL
     assert got["score"]["speedup"] == pytest.approx(4.0 / got["score"]["s"])
     assert got["score"]["share_of_bound"] == pytest.approx(got["score"]["speedup"] / 2.0)
