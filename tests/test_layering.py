@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 6,
     "session": 7,
     "demo": 8,
+    "_argtypes": 8,
     "cli": 9,
     "__main__": 10,
     "__init__": 10,
