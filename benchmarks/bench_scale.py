@@ -346,10 +346,15 @@ def _print_row(r: dict[str, Any], ways: list[str]) -> None:
               f"the engine's exact time; max |diff| {r['vllm']['max_abs_diff']:.1e}")
 
 
+def _ways_in(rows: list[dict[str, Any]]) -> list[str]:
+    """The ways (exact, hier, windowed variants) measured in ``rows``, in first-seen order."""
+    return [w for w in dict.fromkeys(k for r in rows for k in r)
+            if w in ("exact", "hier") or _parse_way(w) is not None]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The scale table (README / docs) from the figures of :func:`main`."""
-    ways = [w for w in dict.fromkeys(k for r in rows for k in r)
-            if w != "exact" and (w == "hier" or _parse_way(w) is not None)]
+    ways = [w for w in _ways_in(rows) if w != "exact"]
     head = ["L", "N", "layout", "bound (FLOPs)", "seed s (how)", "exact s: x seed, % of bound "
             "(% FLOP bound), peak MB", *[f"{w}: x seed, top-5 recall overall / per response"
                                         for w in ways], "vLLM exact s (x engine exact)"]
@@ -402,7 +407,12 @@ def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> Non
         return alt.Chart(data).mark_line(point=True).encode(
             x=alt.X(f"{x}:Q", scale=alt.Scale(type="log", base=2)),
             y=alt.Y("seconds:Q", scale=alt.Scale(type="log"), title="wall time (s)"),
-            color="way:N", strokeDash="layout:N",
+            color=alt.Color("way:N", legend=alt.Legend(symbolType="stroke")),
+            strokeDash=alt.StrokeDash("layout:N", scale=alt.Scale(domain=["even", "late"]),
+                                      legend=alt.Legend(title="layout: even solid, late dashed",
+                                                        symbolType="stroke",
+                                                        symbolStrokeColor="gray",
+                                                        symbolStrokeWidth=2)),
         ).properties(title=title, width=320, height=240)
 
     chart = alt.hconcat(
@@ -439,15 +449,18 @@ def main(argv: list[str] | None = None) -> int:
                          "rerun times only the approximate ways); default out/scale-cache")
     ap.add_argument("--fresh", action="store_true", help="recompute the exact matrices")
     ap.add_argument("--report", action="store_true",
-                    help="print the figures in --json as a markdown table, measure nothing")
+                    help="print the figures in --json as a markdown table and draw --chart "
+                         "from them; measure nothing")
     ap.add_argument("--merge", action="store_true",
                     help="add to the figures already in --json: ways measured there for a "
                          "point are skipped, the rest are measured and merged in")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "bench-scale.json")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "scale-growth.png")
     args = ap.parse_args(argv)
-    if args.report:
-        print(markdown_table(json.loads(args.json.read_text())))
+    if args.report:  # the table, and the chart drawn again from the same figures
+        measured = json.loads(args.json.read_text())
+        print(markdown_table(measured))
+        growth_chart(measured, _ways_in(measured), args.chart)
         return 0
     ways = [w for w in args.ways.split(",") if w]
     for w in ways:
@@ -482,9 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_row(r, ways)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2))
-    all_ways = [w for w in dict.fromkeys(k for r in rows for k in r) if w == "exact"
-                or w == "hier" or _parse_way(w) is not None]
-    growth_chart(rows, all_ways, args.chart)
+    growth_chart(rows, _ways_in(rows), args.chart)
     print(f"total {time.perf_counter() - t0:.0f} s; figures in {args.json}, chart {args.chart}")
     return 0
 
