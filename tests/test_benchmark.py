@@ -12,17 +12,24 @@ import pytest
 
 from scoring_kit.context.model import skip_key
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_matrix.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str, *, register: bool = False) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (``register``: also under its name in sys.modules,
+    for the scripts that import it by name)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_matrix", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_matrix", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("bench_matrix", register=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +84,7 @@ def test_bad_list_option_is_refused_before_loading_a_model(
 
 
 def _scale() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("bench_scale")
 
 
 def test_scale_grid_parsing() -> None:
@@ -161,12 +163,7 @@ def test_flop_bound_is_the_token_bound_when_every_token_costs_the_same(
 
 # ── --cli: end-to-end CLI figures (benchmarks/bench_cli.py) ────────────────
 def _cli_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cli.py"
-    spec = importlib.util.spec_from_file_location("bench_cli", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("bench_cli")
 
 
 @pytest.fixture(scope="module")
