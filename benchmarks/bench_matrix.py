@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,34 @@ def _assemble(
     return context_from_messages(out, tokenizer), out
 
 
-def exact_minimum(ctx: ContextState) -> tuple[int, int]:
+@dataclass(frozen=True, slots=True)
+class Ablations:
+    """What the seed's way and the exact-LOO minimum read off one context's full matrix."""
+
+    length: int  #: tokens of the full prompt
+    last: int  #: end of its last scored range: no score reads a token after it
+    #: per memory key: (start, end) of its first node in the full prompt, and the length of
+    #: the prompt without it
+    memories: dict[str, tuple[int, int, int]]
+
+
+def ablations(ctx: ContextState) -> Ablations:
+    """Render the full prompt and each single-memory ablation once; see :class:`Ablations`."""
+    base = ctx.wire_prompt()
+    first: dict[str, tuple[int, int]] = {}
+    for s in base.spans:
+        node = ctx.section(s.section)[s.index]
+        if node.key is not None and node.kind == "memory":
+            first.setdefault(node.key, (s.start, s.end))
+    return Ablations(
+        length=len(base),
+        last=max((int(b) for _, b in base.ranges), default=0),
+        memories={k: (*first[k], len(ctx.wire_prompt(skip=skip_key(k))))
+                  for k in ctx.memory_keys()},
+    )
+
+
+def exact_minimum(ctx: ContextState, ab: Ablations | None = None) -> tuple[int, int]:
     """(seed-way tokens, exact-LOO minimum tokens) for the full matrix of ``ctx``.
 
     The seed prefills every prompt whole. The minimum is what exact leave-one-out cannot
@@ -195,19 +223,9 @@ def exact_minimum(ctx: ContextState) -> tuple[int, int]:
     that last scored token (a memory after the last response costs nothing; nor do the
     tokens after the last response, which no score reads).
     """
-    base = ctx.wire_prompt()
-    L = len(base)
-    last = max((int(b) for _, b in base.ranges), default=0)
-    seed = L
-    minimum = last
-    ends: dict[str, int] = {}
-    for s in base.spans:
-        node = ctx.section(s.section)[s.index]
-        if node.key is not None and node.kind == "memory":
-            ends.setdefault(node.key, s.end)
-    for k in ctx.memory_keys():
-        seed += len(ctx.wire_prompt(skip=skip_key(k)))
-        minimum += max(0, last - ends[k])
+    ab = ab if ab is not None else ablations(ctx)
+    seed = ab.length + sum(n for _, _, n in ab.memories.values())
+    minimum = ab.last + sum(max(0, ab.last - end) for _, end, _ in ab.memories.values())
     return seed, minimum
 
 

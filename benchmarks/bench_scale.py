@@ -103,7 +103,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
+def flop_counts(ctx: Any, config: Any, ab: Any = None) -> tuple[float, float]:
     """(seed-way FLOPs, exact-LOO minimum FLOPs) of the full matrix, from the architecture.
 
     Per token: ``2 x`` the layer weights it passes through, plus attention over every
@@ -112,8 +112,9 @@ def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
     only at the scored tokens for the exact minimum (which recomputes, per memory, the tokens
     after it, at their positions in the ablated prompt). The token bound counts tokens as
     equal; this bound prices the suffix tokens of a late layout, which attend over more keys.
+    ``ab``: the context's :func:`bench_matrix.ablations`, when the caller has them.
     """
-    from scoring_kit.context.model import skip_key
+    from bench_matrix import ablations
 
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     h, layers = int(c.hidden_size), int(c.num_hidden_layers)
@@ -129,20 +130,13 @@ def flop_counts(ctx: Any, config: Any) -> tuple[float, float]:
         return (b - a) * lin + att * ((b * (b + 1) - a * (a + 1)) / 2)
 
     base = ctx.wire_prompt()
-    L = len(base)
+    ab = ab if ab is not None else ablations(ctx)
+    L, last = ab.length, ab.last  # no score reads a token after ``last``
     scored = [(int(a), int(b)) for a, b in base.ranges]
-    last = max((b for _, b in scored), default=0)  # no score reads a token after this
     seed = span(0, L) + L * head
     minimum = span(0, last) + sum(b - a for a, b in scored) * head
-    first: dict[str, tuple[int, int]] = {}
-    for s in base.spans:
-        node = ctx.section(s.section)[s.index]
-        if node.key is not None and node.kind == "memory":
-            first.setdefault(node.key, (s.start, s.end))
-    for k in ctx.memory_keys():
-        n_k = len(ctx.wire_prompt(skip=skip_key(k)))
+    for start, end, n_k in ab.memories.values():
         seed += span(0, n_k) + n_k * head
-        start, end = first[k]
         # the tokens after the memory's first node up to the last scored one, at their
         # places in the ablated prompt
         minimum += span(start, start + max(0, last - end))
@@ -159,7 +153,7 @@ def _cache_paths(args: dict[str, Any], tokens: int, memories: int, layout: str) 
 def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dict[str, Any]:
     """One grid point, in a child process; returns its figures."""
     import numpy as np
-    from bench_matrix import build_conversation, exact_minimum, median_time, seed_way
+    from bench_matrix import ablations, build_conversation, exact_minimum, median_time, seed_way
 
     from scoring_kit.backends.local import LocalScorer
     from scoring_kit.engine.engine import Engine
@@ -177,8 +171,9 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
                              tokenizer=engine.tokenizer, locomo=Path(args["locomo"]))
     base = ctx.wire_prompt()
     L, n, m = len(base), len(ctx.memory_keys()), len(base.ranges)
-    seed_tokens, minimum = exact_minimum(ctx)
-    seed_flops, min_flops = flop_counts(ctx, engine.model.config)
+    ab = ablations(ctx)  # every ablated prompt rendered once, for both bounds
+    seed_tokens, minimum = exact_minimum(ctx, ab)
+    seed_flops, min_flops = flop_counts(ctx, engine.model.config, ab)
     out: dict[str, Any] = {"target_tokens": tokens, "layout": layout, "prompt_tokens": L,
                            "memories": n, "responses": m, "seed_tokens": seed_tokens,
                            "exact_min_tokens": minimum, "bound": seed_tokens / minimum,
@@ -268,7 +263,6 @@ def _through_vllm(ctx: Any, exact_m: Any, t_exact: float, args: dict[str, Any]) 
     started here from the real-server target's environment for this point only (so it
     takes no CPU while the engine is timed)."""
     import asyncio
-    import contextlib
 
     import numpy as np
 
