@@ -90,6 +90,9 @@ def _scale() -> ModuleType:
 def test_scale_grid_parsing() -> None:
     scale = _scale()
     assert scale._parse_grid("2000x16,8000X64:late") == [(2000, 16, None), (8000, 64, "late")]
+    full = scale._parse_grid("full")  # the grid: 2k/4k/8k tokens x 16-128 memories
+    assert len(full) == 12 and (8000, 128, None) in full and (4000, 16, None) in full
+    assert scale._parse_grid(scale.DEFAULT_GRID)[-1] == (8000, 64, "late")
     import argparse
 
     for bad in ("2000", "2000x", "x16", "100x4", "2000x0", "2000x16:middle"):
