@@ -39,7 +39,7 @@ from .._sync import sync_twin
 from .._types import FloatArray
 from ..backends.base import DEFAULT_PRIORITY, Scorer
 from ..context.model import ContextState, Node, WirePrompt, memory_key, skip_key
-from .ablation import ascore_ablations, scorer_meta
+from .ablation import Ablation, ascore_ablations, scorer_meta
 from .divergence import divergence
 from .matrix import MemoryMatrix, ascore_memories, texts_of
 from .restated import restatement_matrix
@@ -335,10 +335,7 @@ async def ascore_memories_windowed(
     without = np.repeat(baseline[None, :], len(mem_keys), axis=0)
     errors: list[str | None] = [None] * len(mem_keys)
     for (i, cols), out in zip(asked, outs, strict=True):
-        if out.ok:
-            without[i, cols] = out.scores
-        else:
-            without[i], errors[i] = np.nan, out.error
+        _put_row(without, errors, i, cols, out)
     n_conv = len(ctx.conversation)
     refined = _heaviest_open_rows(
         baseline, without, errors, [bool((entries >= spans[k][1]).any()) for k in mem_keys],
@@ -351,10 +348,7 @@ async def ascore_memories_windowed(
         _, again = await ascore_ablations(scorer, full, sizes=len(base_wp.entries))
         sent += sum(len(r.prompt) for r in full)
         for i, out in zip(refined, again, strict=True):
-            if out.ok:
-                without[i] = out.scores
-            else:
-                without[i], errors[i] = np.nan, out.error
+            _put_row(without, errors, i, slice(None), out)
             spans[mem_keys[i]] = (spans[mem_keys[i]][0], n_conv)
     # a response before a memory cannot depend on it: those cells are exact (no divergence)
     # whether or not they were sent; only the cells after a memory's window are estimated
@@ -382,6 +376,21 @@ async def ascore_memories_windowed(
 
 
 score_memories_windowed = sync_twin(ascore_memories_windowed, "score_memories_windowed")
+
+
+def _put_row(
+    without: FloatArray,
+    errors: list[str | None],
+    i: int,
+    cols: list[int] | slice,
+    out: Ablation,
+) -> None:
+    """Row ``i`` of ``without`` gets an ablation's scores at ``cols``; a failed call makes the
+    whole row NaN and keeps its error (as in the exact matrix)."""
+    if out.ok:
+        without[i, cols] = out.scores
+    else:
+        without[i], errors[i] = np.nan, out.error
 
 
 def _heaviest_open_rows(
