@@ -79,10 +79,17 @@ def _parse_grid(text: str) -> list[tuple[int, int, str | None]]:
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` over ``old`` for one point: what ``new`` measured replaces, the rest stays."""
+    """``new`` over ``old`` for one point: what ``new`` measured replaces, the rest stays.
+
+    Where ``new`` reused the cached exact matrix, the seed's way stays ``old``'s too: the
+    exact figures were measured against it (each way's speedup is against the seed's way of
+    the run that measured that way)."""
     if "error" in new:
         return {**old, "last_error": new["error"]} if old else new
-    return {**old, **new}
+    merged = {**old, **new}
+    if "reused_from" in new.get("exact", {}) and "exact" in old and "seed" in old:
+        merged["seed"], merged["exact"] = old["seed"], old["exact"]
+    return merged
 
 
 def _parse_way(way: str) -> tuple[int, float | None, int] | None:

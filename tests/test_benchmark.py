@@ -111,10 +111,15 @@ def test_scale_refuses_unknown_ways_before_loading_a_model(
 
 def test_scale_merge_keeps_what_a_rerun_did_not_measure() -> None:
     merge = _scale()._merge
-    old = {"layout": "even", "w1": {"s": 1.0}, "vllm": {"s": 9.0}, "exact": {"s": 5.0}}
-    new = {"layout": "even", "w1+f8": {"s": 2.0}, "exact": {"s": 5.0, "reused_from": "x"}}
+    old = {"layout": "even", "w1": {"s": 1.0}, "vllm": {"s": 9.0}, "exact": {"s": 5.0},
+           "seed": {"s": 20.0}}
+    new = {"layout": "even", "w1+f8": {"s": 2.0}, "exact": {"s": 5.0, "reused_from": "x"},
+           "seed": {"s": 24.0}}
+    # the reused exact matrix keeps its own figures and the seed's way they were measured by
     assert merge(old, new) == {"layout": "even", "w1": {"s": 1.0}, "vllm": {"s": 9.0},
-                               "exact": {"s": 5.0, "reused_from": "x"}, "w1+f8": {"s": 2.0}}
+                               "exact": {"s": 5.0}, "seed": {"s": 20.0}, "w1+f8": {"s": 2.0}}
+    fresh = {**new, "exact": {"s": 4.0}}  # recomputed: the new run's figures replace both
+    assert merge(old, fresh)["seed"] == {"s": 24.0} and merge(old, fresh)["exact"] == {"s": 4.0}
     assert merge(old, {"error": "boom"}) == {**old, "last_error": "boom"}
     assert merge({}, {"error": "boom"}) == {"error": "boom"}
 
