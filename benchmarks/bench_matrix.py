@@ -193,10 +193,15 @@ class Ablations:
     """What the seed's way and the exact-LOO minimum read off one context's full matrix."""
 
     length: int  #: tokens of the full prompt
-    last: int  #: end of its last scored range: no score reads a token after it
+    scored: tuple[tuple[int, int], ...]  #: its scored token ranges (start, end)
     #: per memory key: (start, end) of its first node in the full prompt, and the length of
     #: the prompt without it
     memories: dict[str, tuple[int, int, int]]
+
+    @property
+    def last(self) -> int:
+        """End of the last scored range: no score reads a token after it."""
+        return max((b for _, b in self.scored), default=0)
 
 
 def ablations(ctx: ContextState) -> Ablations:
@@ -209,7 +214,7 @@ def ablations(ctx: ContextState) -> Ablations:
             first.setdefault(node.key, (s.start, s.end))
     return Ablations(
         length=len(base),
-        last=max((int(b) for _, b in base.ranges), default=0),
+        scored=tuple((int(a), int(b)) for a, b in base.ranges),
         memories={k: (*first[k], len(ctx.wire_prompt(skip=skip_key(k))))
                   for k in ctx.memory_keys()},
     )
@@ -225,7 +230,8 @@ def exact_minimum(ctx: ContextState, ab: Ablations | None = None) -> tuple[int, 
     """
     ab = ab if ab is not None else ablations(ctx)
     seed = ab.length + sum(n for _, _, n in ab.memories.values())
-    minimum = ab.last + sum(max(0, ab.last - end) for _, end, _ in ab.memories.values())
+    last = ab.last
+    minimum = last + sum(max(0, last - end) for _, end, _ in ab.memories.values())
     return seed, minimum
 
 

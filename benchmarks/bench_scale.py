@@ -42,11 +42,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+if TYPE_CHECKING:
+    from bench_matrix import Ablations
 
 #: the documented scale run: ~49 minutes on 2 cores with the default ways (the 8k x 64 late
 #: point ~18 of them); adding ``w1+r0.5+f8`` (the README's figures) makes it 62
@@ -118,7 +121,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def flop_counts(ctx: Any, config: Any, ab: Any = None) -> tuple[float, float]:
+def flop_counts(ctx: Any, config: Any, ab: Ablations | None = None) -> tuple[float, float]:
     """(seed-way FLOPs, exact-LOO minimum FLOPs) of the full matrix, from the architecture.
 
     Per token: ``2 x`` the layer weights it passes through, plus attention over every
@@ -144,10 +147,8 @@ def flop_counts(ctx: Any, config: Any, ab: Any = None) -> tuple[float, float]:
     def span(a: int, b: int) -> float:  # positions a..b-1, each attending over p + 1 keys
         return (b - a) * lin + att * ((b * (b + 1) - a * (a + 1)) / 2)
 
-    base = ctx.wire_prompt()
     ab = ab if ab is not None else ablations(ctx)
-    L, last = ab.length, ab.last  # no score reads a token after ``last``
-    scored = [(int(a), int(b)) for a, b in base.ranges]
+    L, last, scored = ab.length, ab.last, ab.scored  # no score reads a token after ``last``
     seed = span(0, L) + L * head
     minimum = span(0, last) + sum(b - a for a, b in scored) * head
     for start, end, n_k in ab.memories.values():
@@ -441,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"whole grid: {FULL_GRID}); default {DEFAULT_GRID}")
     ap.add_argument("--layouts", default="even,late")
     ap.add_argument("--ways", default=DEFAULT_WAYS,
-                    help="comma list of exact (always runs), w<N>, w<N>+r<share>, hier")
+                    help="comma list of exact (always runs), w<N>[+r<share>][+f<rows>], hier "
+                         "(default %(default)s)")
     ap.add_argument("--seed-budget", type=float, default=60.0,
                     help="time the seed's way where its estimate fits this many seconds, "
-                         "else estimate it from its tokens (default 60)")
+                         "else estimate it from its tokens (default %(default)s)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--locomo", type=Path, default=default_locomo_path())
     ap.add_argument("--vllm", default=None, metavar="URL",
