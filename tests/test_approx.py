@@ -17,6 +17,7 @@ from scoring_kit.scoring.approx import (
     score_memories_hierarchical,
     score_memories_windowed,
     top_k_recall,
+    top_k_weight_share,
 )
 from scoring_kit.scoring.matrix import MemoryMatrix
 
@@ -155,3 +156,22 @@ def test_top_k_recall_on_hand_made_matrices() -> None:
     assert per == pytest.approx(1 / 3)  # response 0 found, 1 and 2 missed
     with pytest.raises(ScoringError, match="matrices differ in shape or keys"):
         top_k_recall(exact, MemoryMatrix(keys[:3], np.arange(3), base, w[:3], [None] * 3))
+
+
+def test_top_k_weight_share_prices_a_near_tie() -> None:
+    keys = ["a", "b", "c"]
+    base = np.zeros(2)
+    exact = MemoryMatrix(keys, np.arange(2), base,
+                         -np.array([[5, 0], [0, 3.0], [0, 2.9]]), [None] * 3)
+    # approx ranks c above b (a near tie in exact weight): recall 0.5, weight share ~0.99
+    swapped = MemoryMatrix(keys, np.arange(2), base,
+                           -np.array([[5, 0], [0, 1.0], [0, 2.9]]), [None] * 3)
+    assert top_k_recall(exact, swapped, k=2)[0] == pytest.approx(0.5)
+    assert top_k_weight_share(exact, swapped, k=2) == pytest.approx(7.9 / 8.0)
+    assert top_k_weight_share(exact, exact, k=2) == 1.0
+    # a row the approximation estimated as nothing, and an empty exact set
+    blank = MemoryMatrix(keys, np.arange(2), base, np.zeros((3, 2)), [None] * 3)
+    assert top_k_weight_share(exact, blank, k=2) == 0.0
+    assert top_k_weight_share(blank, exact, k=2) == 1.0
+    with pytest.raises(ScoringError, match="k must be >= 1, got 0"):
+        top_k_weight_share(exact, exact, k=0)
