@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Literal
 import polars as pl
 
 from ._altair import _ACCENT, _FAILED_COLOR, _alt, _clamp, _data
-from .frames import heatmap_reduction, matrix_frame
+from .frames import matrix_frame
+from .reduction import heatmap_reduction
 
 if TYPE_CHECKING:
     import altair as alt
@@ -42,7 +43,7 @@ def heatmap(
     """Memories (rows, heaviest on top) × responses (columns), colour = divergence.
 
     Failed memories are drawn grey with a ``failed: <error>`` tooltip. Large matrices are
-    reduced with :func:`~scoring_kit.analysis.frames.heatmap_reduction` (heaviest
+    reduced with :func:`~scoring_kit.analysis.reduction.heatmap_reduction` (heaviest
     ``max_memories`` kept, responses binned to at most ``max_marks`` cells, max per bin);
     the subtitle then says what was dropped.
 
@@ -58,7 +59,7 @@ def heatmap(
         max divergence over the selection. The initial selection is the response that
         depends on memories most. Returns the two charts stacked.
     max_memories, max_responses, max_marks
-        Reduction limits (see :func:`~scoring_kit.analysis.frames.heatmap_reduction`).
+        Reduction limits (see :func:`~scoring_kit.analysis.reduction.heatmap_reduction`).
     snippet
         Characters of text in the tooltips.
     color_scale
