@@ -426,16 +426,16 @@ def test_theme_registered_on_first_call_and_user_theme_kept(
 ) -> None:
     import altair as alt
 
-    from scoring_kit.analysis import charts
+    from scoring_kit.analysis import _altair, charts
 
     before = alt.theme.active
     try:
-        monkeypatch.setattr(charts, "_theme_registered", False)
+        monkeypatch.setattr(_altair, "_theme_registered", False)
         alt.theme.enable("dark")
         finetune_histogram([1.0])
         assert charts.THEME_NAME in alt.theme.names()
         assert alt.theme.active == "dark"  # a theme the user chose is left alone
-        monkeypatch.setattr(charts, "_theme_registered", False)
+        monkeypatch.setattr(_altair, "_theme_registered", False)
         alt.theme.enable("default")
         spec = finetune_histogram([1.0]).to_dict()
         assert alt.theme.active == charts.THEME_NAME

@@ -8,7 +8,9 @@ Altair's row limit and without a running kernel.
 Altair is imported inside the builders, not when this module is imported. The first call
 of a builder registers the house theme :data:`THEME_NAME` with ``alt.theme.register`` and
 enables it **only** when the active theme is still Altair's ``"default"`` (a theme you
-enabled yourself is left alone; ``alt.theme.enable("default")`` turns ours off).
+enabled yourself is left alone; ``alt.theme.enable("default")`` turns ours off); the theme
+and the shared helpers live in :mod:`scoring_kit.analysis._altair`, the heatmap in
+:mod:`scoring_kit.analysis.heatmap` (re-exported here).
 
 Charts
 ------
@@ -28,14 +30,16 @@ Charts
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from .._exceptions import MissingDependencyError, ScoringError
+from .._exceptions import ScoringError
 from ..scoring.finetune import DEFAULT_THRESHOLD, FinetuneCandidate
-from .frames import heatmap_reduction, matrix_frame, response_frame
+from ._altair import _ACCENT, THEME_NAME, _alt, _clamp, _data
+from .frames import matrix_frame, response_frame
+from .heatmap import heatmap
 
 if TYPE_CHECKING:
     import altair as alt
@@ -51,279 +55,6 @@ __all__ = [
     "response_dependence_chart",
     "weight_history_chart",
 ]
-
-#: Name of the house theme registered on the first chart call.
-THEME_NAME = "scoring_kit"
-
-_FAILED_COLOR = "#b8b8b8"
-_ACCENT = "#d6604d"
-_FONT = "Inter, 'Helvetica Neue', Helvetica, Arial, sans-serif"
-
-_theme_registered = False
-
-
-def _theme() -> Any:
-    """The house theme (an ``alt.theme.ThemeConfig``)."""
-    return {
-        "config": {
-            "font": _FONT,
-            "view": {"stroke": None, "continuousWidth": 400, "continuousHeight": 240},
-            "title": {"fontSize": 14, "anchor": "start", "subtitleColor": "#555",
-                      "subtitleFontSize": 11},
-            "axis": {"labelFontSize": 11, "titleFontSize": 12, "titleFontWeight": "normal",
-                     "gridColor": "#ececec", "domainColor": "#888", "tickColor": "#888"},
-            "legend": {"labelFontSize": 11, "titleFontSize": 11},
-            "range": {"category": {"scheme": "tableau10"}},
-            "bar": {"color": "#4c78a8"},
-            "line": {"color": "#4c78a8"},
-        }
-    }
-
-
-def _alt() -> Any:
-    """Import Altair (or say which extra installs it) and register the house theme once."""
-    global _theme_registered
-    try:
-        import altair as alt
-    except ImportError as exc:  # pragma: no cover - altair is a core dependency
-        msg = "charts need altair: pip install 'scoring_kit' (altair>=5.4, vl-convert-python)"
-        raise MissingDependencyError(msg) from exc
-    if not _theme_registered:
-        enable = alt.theme.active == "default"
-        alt.theme.register(THEME_NAME, enable=enable)(_theme)
-        _theme_registered = True
-    return alt
-
-
-def _values(frame: pl.DataFrame) -> list[dict[str, Any]]:
-    """JSON-ready rows: NaN/inf → null, datetimes → epoch milliseconds."""
-    exprs = []
-    for name, dtype in frame.schema.items():
-        if dtype.is_float():
-            exprs.append(
-                pl.when(pl.col(name).is_finite()).then(pl.col(name)).otherwise(None).alias(name)
-            )
-        elif isinstance(dtype, pl.Datetime):
-            exprs.append(pl.col(name).dt.epoch("ms").alias(name))
-        elif isinstance(dtype, pl.Date):
-            exprs.append(pl.col(name).cast(pl.Datetime("ms")).dt.epoch("ms").alias(name))
-    return (frame.with_columns(exprs) if exprs else frame).to_dicts()
-
-
-def _data(frame: pl.DataFrame) -> dict[str, Any]:
-    """Inline data as a plain dict: Altair neither validates nor row-limits it, and
-    consolidates it into the spec's top-level ``datasets`` (one copy per distinct frame)."""
-    return {"values": _values(frame)}
-
-
-def _clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, x))
-
-
-# ── heatmap ──────────────────────────────────────────────────────
-
-
-def heatmap(
-    matrix: MemoryMatrix,
-    ctx: ContextState | None = None,
-    *,
-    interactive: bool = False,
-    max_memories: int = 60,
-    max_responses: int = 200,
-    max_marks: int = 5000,
-    snippet: int = 60,
-    color_scale: Literal["linear", "sqrt", "symlog", "log"] = "sqrt",
-    bar_top: int = 20,
-    width: int | None = None,
-    height: int | None = None,
-    title: str | None = None,
-) -> alt.LayerChart | alt.VConcatChart:
-    """Memories (rows, heaviest on top) × responses (columns), colour = divergence.
-
-    Failed memories are drawn grey with a ``failed: <error>`` tooltip. Large matrices are
-    reduced with :func:`~scoring_kit.analysis.frames.heatmap_reduction` (heaviest
-    ``max_memories`` kept, responses binned to at most ``max_marks`` cells, max per bin);
-    the subtitle then says what was dropped.
-
-    Parameters
-    ----------
-    matrix
-        The scored matrix, ``(n_memories, n_responses)``.
-    ctx
-        The context it was scored on: adds memory and response text to the tooltips.
-    interactive
-        Also draw a bar chart of the memories the selected response leaned on: click a
-        column (shift-click adds more, double-click clears) and the bars show each memory's
-        max divergence over the selection. The initial selection is the response that
-        depends on memories most. Returns the two charts stacked.
-    max_memories, max_responses, max_marks
-        Reduction limits (see :func:`~scoring_kit.analysis.frames.heatmap_reduction`).
-    snippet
-        Characters of text in the tooltips.
-    color_scale
-        Vega-Lite scale type of the colour (``"sqrt"`` keeps small divergences visible).
-    bar_top
-        With ``interactive``: most memories in the linked bar chart (largest first).
-    width, height
-        Plot size in pixels (default: from the number of columns and rows).
-    title
-        Chart title.
-
-    Returns
-    -------
-    alt.LayerChart | alt.VConcatChart
-        The heatmap (a layer of the scored and the failed cells), or with ``interactive``
-        the heatmap above the linked bar chart (the selection parameter is ``"response"``
-        on ``entry_index``).
-
-    Examples
-    --------
-    >>> heatmap(matrix, ctx, interactive=True).save("heatmap.html")  # doctest: +SKIP
-    """
-    alt = _alt()
-    red = heatmap_reduction(
-        matrix_frame(matrix, ctx, snippet=snippet),
-        max_memories=max_memories,
-        max_responses=max_responses,
-        max_marks=max_marks,
-    )
-    frame = red.frame
-    keys = (
-        frame.select("memory_key", "memory_rank").unique().sort("memory_rank")["memory_key"]
-        .to_list()
-    )
-    binned = red.responses_per_bin > 1
-    # Cells big enough to read and click: up to 34 × 26 px on small matrices, shrinking to
-    # fit ~1100 × 900 px; past that (≥ 200 columns) the output scrolls sideways.
-    step_x = _clamp(1100 // max(red.response_bins, 1), 6, 34)
-    step_y = _clamp(900 // max(len(keys), 1), 12, 26)
-    w = width if width is not None else max(red.response_bins * step_x, 120)
-    h = height if height is not None else max(len(keys) * step_y, 40)
-    subtitle = [s for s in (red.summary(), "grey: ablation failed" if
-                            frame.filter(pl.col("status") == "failed").height else "") if s]
-    x_title = "response (first conversation index of bin)" if binned else (
-        "response (conversation index)")
-    data = _data(frame)
-    x = alt.X("entry_index:O", title=x_title,
-              axis=alt.Axis(labelOverlap=True, labelAngle=0, labelFontSize=12))
-    y = alt.Y("memory_key:N", sort=keys, title="memory (heaviest first)",
-              axis=alt.Axis(labelFontSize=12, labelLimit=220))
-    base = alt.Chart().encode(x=x, y=y)
-    tips = [
-        alt.Tooltip("memory_key:N", title="memory"),
-        alt.Tooltip("memory_text:N", title="memory text"),
-        alt.Tooltip("entry_index:O", title="response (entry)"),
-        alt.Tooltip("response_text:N", title="response text"),
-        alt.Tooltip("baseline:Q", title="baseline logprob", format=".4f"),
-        alt.Tooltip("divergence:Q", title="divergence", format=".4g"),
-    ]
-    if binned:
-        tips[2:2] = [
-            alt.Tooltip("entry_last:O", title="bin ends at entry"),
-            alt.Tooltip("n_responses:Q", title="responses in bin"),
-            alt.Tooltip("peak_entry:O", title="peak at entry"),
-        ]
-    cells = (
-        base.mark_rect()
-        .transform_filter("datum.status === 'ok'")
-        .encode(
-            color=alt.Color(
-                "divergence:Q",
-                title="divergence",
-                scale=alt.Scale(type=color_scale, scheme="yellowgreenblue",
-                                zero=color_scale != "log"),
-            ),
-            tooltip=tips,
-        )
-    )
-    failed = (
-        base.mark_rect(color=_FAILED_COLOR)
-        .transform_filter("datum.status === 'failed'")
-        .encode(
-            tooltip=[
-                alt.Tooltip("memory_key:N", title="memory"),
-                alt.Tooltip("memory_text:N", title="memory text"),
-                alt.Tooltip("entry_index:O", title="response (entry)"),
-                alt.Tooltip("failure:N", title="status"),
-            ]
-        )
-    )
-    chart_title = alt.Title(title or "Which memories each response depends on",
-                            subtitle=subtitle or alt.Undefined)
-    if not interactive:
-        return alt.layer(cells, failed, data=data).properties(
-            width=w, height=h, title=chart_title
-        )
-
-    sel = alt.selection_point(
-        name="response", fields=["entry_index"], on="click", clear="dblclick"
-    )
-    mem_sel = alt.selection_point(
-        name="memory", fields=["memory_key"], on="click", clear="dblclick"
-    )
-    # Full opacity until a column is selected (an empty selection counts as all).
-    cells = cells.add_params(sel, mem_sel).encode(
-        opacity=alt.when(sel).then(alt.value(1.0)).otherwise(alt.value(0.35))
-    )
-    top = alt.layer(cells, failed, data=data).properties(width=w, height=h, title=chart_title)
-    ok = frame.filter(pl.col("status") == "ok")["divergence"].drop_nulls()
-    x_max = float(ok.max()) if ok.len() and float(ok.max()) > 0 else 1.0  # type: ignore[arg-type]
-    n_bar = min(len(keys), max(bar_top, 1))
-    bar_h = max(n_bar * 20, 60)
-    leaned = (
-        alt.Chart()
-        .transform_filter(sel)
-        .transform_filter("datum.status === 'ok' && datum.divergence > 0")
-        .transform_aggregate(
-            divergence="max(divergence)",
-            memory_text="min(memory_text)",
-            groupby=["memory_key"],
-        )
-        .transform_window(
-            bar_rank="row_number()", sort=[alt.SortField("divergence", order="descending")]
-        )
-        .transform_filter(f"datum.bar_rank <= {max(bar_top, 1)}")
-        .mark_bar(color=_ACCENT, size=14)
-        .encode(
-            # a fixed domain and no stack: an empty selection draws no "Infinite extent"
-            x=alt.X("divergence:Q", title="max divergence over the selected response(s)",
-                    stack=None, scale=alt.Scale(domain=[0, x_max])),
-            y=alt.Y("memory_key:N", sort="-x", title="memory",
-                    axis=alt.Axis(labelFontSize=12, labelLimit=220)),
-            tooltip=[
-                alt.Tooltip("memory_key:N", title="memory"),
-                alt.Tooltip("memory_text:N", title="memory text"),
-                alt.Tooltip("divergence:Q", title="divergence", format=".4g"),
-            ],
-        )
-    )
-    # One row per selected column set: how many of its cells are above 0. Zero → say so.
-    nothing = (
-        alt.Chart()
-        .transform_filter(sel)
-        .transform_calculate(hit="datum.status === 'ok' && datum.divergence > 0 ? 1 : 0")
-        .transform_aggregate(hits="sum(hit)")
-        .transform_filter("datum.hits === 0")
-        .mark_text(align="left", baseline="middle", fontSize=13, color="#555",
-                   fontStyle="italic")
-        .encode(
-            x=alt.value(4),
-            y=alt.value(bar_h / 2),
-            text=alt.value("The selected response leaned on no memory "
-                           "(removing any one did not lower its log-probability)."),
-        )
-    )
-    bars = alt.layer(leaned, nothing, data=data).properties(
-        width=max(w, 420),
-        height=bar_h,
-        title=alt.Title(
-            f"Memories the selected response leaned on (top {max(bar_top, 1)})",
-            subtitle="click a column (shift-click adds, double-click clears); "
-                     "nothing selected: max over all responses",
-        ),
-    )
-    return alt.vconcat(top, bars)
-
 
 # ── memory weights ───────────────────────────────────────────────
 

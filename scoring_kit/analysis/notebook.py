@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._exceptions import MissingDependencyError
-from .charts import _alt, heatmap
+from ._altair import _alt
+from .heatmap import heatmap
 
 if TYPE_CHECKING:
     from ..context.model import ContextState
