@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 #: Zen 4 (the 8k x 64 late point about a third of it)
 DEFAULT_GRID = "2000x16,2000x32,4000x64,8000x64:late"
 #: the issue's whole grid (2k-8k tokens x 16-128 memories, both layouts): many hours on 2 cores
-#: (the 8k x 64 even exact matrix alone 15.5 min on the Xeon, ~40 on the Zen 4), for a bigger machine
+#: (the 8k x 64 even exact matrix alone 15.5 min on the Xeon, ~40 on the Zen 4), for a bigger
+#: machine
 FULL_GRID = ",".join(f"{t}x{n}" for t in (2000, 4000, 8000) for n in (16, 32, 64, 128))
 DEFAULT_WAYS = "exact,w1+r0.5"
 
@@ -382,8 +383,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The scale table (README / docs) from the figures of :func:`main`."""
     ways = [w for w in _ways_in(rows) if w != "exact"]
     head = ["L", "N", "layout", "bound (FLOPs)", "seed s (how)", "exact s: x seed, % of bound "
-            "(% FLOP bound), peak MB", *[f"{w}: x seed, top-5 recall overall / per response (exact weight held)"
-                                        for w in ways], "vLLM exact s (x engine exact)"]
+            "(% FLOP bound), peak MB",
+            *[f"{w}: x seed, top-5 recall overall / per response (exact weight held)"
+              for w in ways], "vLLM exact s (x engine exact)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r or "exact" not in r:

@@ -422,18 +422,13 @@ def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple
     exact set is not empty (1.0 when none is).
     """
     _check_pair(exact, approx, k)
-
-    def top(values: FloatArray) -> set[int]:
-        v = np.nan_to_num(values)
-        return {int(i) for i in np.argsort(-v, kind="stable")[:k] if v[i] > 0.01}
-
-    top_e = top(exact.memory_weights)
-    overall = len(top_e & top(approx.memory_weights)) / len(top_e) if top_e else 1.0
+    top_e = _top_set(exact.memory_weights, k)
+    overall = len(top_e & _top_set(approx.memory_weights, k)) / len(top_e) if top_e else 1.0
     per: list[float] = []
     for j in range(exact.shape[1]):
-        relevant = top(exact.divergence[:, j])
+        relevant = _top_set(exact.divergence[:, j], k)
         if relevant:
-            per.append(len(relevant & top(approx.divergence[:, j])) / len(relevant))
+            per.append(len(relevant & _top_set(approx.divergence[:, j], k)) / len(relevant))
     return overall, float(np.mean(per)) if per else 1.0
 
 
@@ -448,11 +443,15 @@ def top_k_weight_share(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) ->
     """
     _check_pair(exact, approx, k)
     ew = np.nan_to_num(exact.memory_weights)
-    aw = np.nan_to_num(approx.memory_weights)
-    top_e = [int(i) for i in np.argsort(-ew, kind="stable")[:k] if ew[i] > 0.01]
-    top_a = [int(i) for i in np.argsort(-aw, kind="stable")[:k] if aw[i] > 0.01]
-    want = float(ew[top_e].sum())
-    return float(ew[top_a].sum()) / want if want > 0 else 1.0
+    want = float(ew[list(_top_set(ew, k))].sum())
+    got = float(ew[list(_top_set(approx.memory_weights, k))].sum())
+    return got / want if want > 0 else 1.0
+
+
+def _top_set(values: FloatArray, k: int) -> set[int]:
+    """The ``k`` largest entries above 0.01 (NaN counts as 0): a top-``k`` set."""
+    v = np.nan_to_num(values)
+    return {int(i) for i in np.argsort(-v, kind="stable")[:k] if v[i] > 0.01}
 
 
 def _check_pair(exact: MemoryMatrix, approx: MemoryMatrix, k: int) -> None:
