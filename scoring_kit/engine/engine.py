@@ -108,6 +108,11 @@ class Engine:
         Most prefixes kept between calls (least recently useful dropped first).
     max_len : int, optional
         Longest prompt accepted (default: the model's ``max_position_embeddings``).
+    split_attention : bool
+        Switch the model to split-prefix attention (``engine/attention.py``: a chunk attends
+        to its cached prefix without a mask or repeated key/value heads; equal to ``sdpa``
+        within float rounding) where it applies: CPU, ``sdpa`` models without sliding-window
+        layers. Default True; False leaves the model's attention as it is.
 
     Raises
     ------
@@ -133,6 +138,7 @@ class Engine:
         prefix_cache_tokens: int | None = None,
         prefix_cache_entries: int = 4,
         max_len: int | None = None,
+        split_attention: bool = True,
     ) -> None:
         if chunk_tokens < 1:
             raise ConfigError(f"Engine: chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -176,6 +182,10 @@ class Engine:
                 "(model.model / get_decoder())",
                 backend="local",
             )
+        if split_attention:
+            from .attention import install
+
+            install(model, self.device)
         head = model.get_output_embeddings()
         if head is None:
             raise ModelLoadError(

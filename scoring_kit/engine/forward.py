@@ -89,6 +89,12 @@ class Forward:
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
+    def _split(self) -> bool:
+        """Whether the model runs split-prefix attention now (``attention.install``)."""
+        from .attention import NAME
+
+        return getattr(self.model.config, "_attn_implementation", None) == NAME
+
     @staticmethod
     def inference_mode() -> AbstractContextManager[Any]:
         """``torch.inference_mode()`` (imports torch)."""
@@ -133,10 +139,16 @@ class Forward:
         start: int | torch.Tensor,
         cache: Any,
         mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
+        *,
+        visible: int = 0,
+        causal_rest: bool = False,
     ) -> torch.Tensor:
         """Run ``ids`` (batch, q) through the base model at positions ``start + arange(q)``.
 
-        ``start`` is an int or a (batch,) tensor of per-row offsets. Returns the final hidden
+        ``start`` is an int or a (batch,) tensor of per-row offsets; ``visible`` says that the
+        first ``visible`` cached keys are seen by every query of every row (split-prefix
+        attention, ``attention.py``, then needs no mask for them); ``causal_rest`` that the
+        other keys are the chunk's own under a plain causal mask. Returns the final hidden
         states (batch, q, hidden).
         """
         import torch
@@ -153,6 +165,11 @@ class Forward:
             attention_mask=mask,
             use_cache=True,
             **{self._cache_kw: cache},
+            **(
+                {"visible_prefix": visible, "causal_rest": causal_rest}
+                if visible and self._split()
+                else {}
+            ),
         )
         self.stats.forward_passes += 1
         hidden: torch.Tensor = out.last_hidden_state
@@ -208,7 +225,7 @@ class Forward:
         got: list[torch.Tensor] = []
         for c0 in range(plan.reuse, plan.end, self.chunk_tokens):
             c1 = min(c0 + self.chunk_tokens, plan.end)
-            hidden = self.forward(ids[None, c0:c1], c0, cache)[0]
+            hidden = self.forward(ids[None, c0:c1], c0, cache, visible=c0, causal_rest=True)[0]
             lo, hi = np.searchsorted(rows, [c0, c1])
             if hi > lo:
                 sel = torch.as_tensor(rows[lo:hi] - c0, device=self.device)
@@ -262,10 +279,17 @@ class Forward:
             if self._window is not None:  # Gemma 3: sliding layers get their own mask
                 from .gemma import layer_masks
 
-                kv_pos = torch.cat([torch.arange(big_r, device=dev)[None].expand(b, -1),
-                                    starts[:, None] + kj[None]], dim=1)
+                kv_pos = torch.cat(
+                    [
+                        torch.arange(big_r, device=dev)[None].expand(b, -1),
+                        starts[:, None] + kj[None],
+                    ],
+                    dim=1,
+                )
                 mask = layer_masks(self.model.config, mask, starts[:, None] + qi[None], kv_pos)
-            hidden = self.forward(ids[:, c0:c1], starts + c0, cache, mask=mask)
+            hidden = self.forward(
+                ids[:, c0:c1], starts + c0, cache, mask=mask, visible=int(reuse.min())
+            )
             lo, hi = np.searchsorted(pos_of, [c0, c1])
             if hi > lo:  # one LM-head call for the whole batch's rows in this chunk
                 bi = torch.as_tensor(row_of[lo:hi], device=dev)
