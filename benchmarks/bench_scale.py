@@ -434,10 +434,12 @@ def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> Non
 
     def panel(data: pl.DataFrame, x: str, title: str) -> alt.Chart:
         return alt.Chart(data).mark_line(point=True).encode(
-            x=alt.X(f"{x}:Q", scale=alt.Scale(type="log", base=2)),
+            # not nice: a nice log-2 domain starts the L panel at 2,048 below its first point
+            x=alt.X(f"{x}:Q", scale=alt.Scale(type="log", base=2, nice=False)),
             y=alt.Y("seconds:Q", scale=alt.Scale(type="log"), title="wall time (s)"),
             color=alt.Color("way:N", legend=alt.Legend(symbolType="stroke")),
-            strokeDash=alt.StrokeDash("layout:N", scale=alt.Scale(domain=["even", "late"]),
+            strokeDash=alt.StrokeDash("layout:N", scale=alt.Scale(domain=["even", "late"],
+                                                                  range=[[1, 0], [6, 3]]),
                                       legend=alt.Legend(title="layout: even solid, late dashed",
                                                         symbolType="stroke",
                                                         symbolStrokeColor="gray",
