@@ -443,7 +443,9 @@ def growth_chart(rows: list[dict[str, Any]], ways: list[str], path: Path) -> Non
                                       legend=alt.Legend(title="layout: even solid, late dashed",
                                                         symbolType="stroke",
                                                         symbolStrokeColor="gray",
-                                                        symbolStrokeWidth=2)),
+                                                        symbolStrokeWidth=2,
+                                                        symbolOpacity=1,
+                                                        symbolFillColor="transparent")),
         ).properties(title=title, width=320, height=240)
 
     chart = alt.hconcat(
