@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from bench_matrix import Ablations
 
 #: the documented scale run: 25.5 min on a 2-core Intel Xeon (2026-12-02), 49 min on a 2-core
-#: Zen 4 (the 8k x 64 late point about a third of it)
+#: Zen 4 (the 8k x 64 late point about a third of it), 48 min on slower Xeon cores (2026-12-03)
 DEFAULT_GRID = "2000x16,2000x32,4000x64,8000x64:late"
 #: the issue's whole grid (2k-8k tokens x 16-128 memories, both layouts): many hours on 2 cores
 #: (the 8k x 64 even exact matrix alone 15.5 min on the Xeon, ~40 on the Zen 4), for a bigger
