@@ -18,8 +18,9 @@ conversation of ``bench_matrix.build_conversation`` and measures, on the embedde
   what a swap at the 5th place cost);
 - the seed's way (N + 1 dense full prefills, logits everywhere): *timed* when its estimated
   time fits ``--seed-budget`` seconds, otherwise *estimated* from its token count at the
-  per-token cost of dense full prefills measured in the same child (one pass of the full
-  prompt, after an untimed warm-up) — the table says which;
+  per-token cost of dense full prefills measured in the same child (the mean of one pass of
+  the full prompt before the ways and one after them, after an untimed warm-up; both rates
+  are kept) — the table says which;
 - with ``--vllm URL``: the exact matrix through ``--backend vllm`` against that server, and
   the ratio of its time to the embedded engine's.
 
@@ -201,7 +202,8 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
 
     # per-token cost of the seed's dense full prefills, measured here: one pass of the whole
     # prompt after an untimed warm-up on its first 512 tokens (the process's first forward
-    # allocates), so the 8k point spends ~50 s on it rather than 100
+    # allocates); where the seed is estimated, a second pass after the ways brackets them
+    # (_bracket_seed)
     warm = base.tokens[:512].tolist()
     engine.score_naive(warm, [(1, len(warm))])
 
@@ -247,7 +249,6 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
                 np.nanmax(np.abs(exact_m.divergence - seed_m.divergence)))
         npz.parent.mkdir(parents=True, exist_ok=True)
         exact_m.save(npz, overwrite=True)
-        meta_json.write_text(json.dumps({"prompt_sha": prompt_sha, "exact": out["exact"]}))
     t_exact = float(out["exact"]["s"])
 
     for way in args["ways"]:
@@ -274,6 +275,11 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
                     "peak_mb": _peak_mb(),
                     "calls": a.meta.get("calls")}
 
+    if seed_m is None:
+        _bracket_seed(out, dense, t_dense, seed_tokens, L, args["ways"])
+    if "reused_from" not in out["exact"]:
+        meta_json.write_text(json.dumps({"prompt_sha": prompt_sha, "exact": out["exact"]}))
+
     if args["vllm"] and (not args["vllm_points"]
                          or (tokens, memories) in [p[:2] for p in args["vllm_points"]]):
         try:
@@ -282,6 +288,35 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
             out["vllm"] = {"error": f"{type(exc).__name__}: {exc}"}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _bracket_seed(out: dict[str, Any], dense: Any, t_before: float, seed_tokens: int, L: int,
+                  ways: list[str], clock: Any = None) -> None:
+    """The seed's estimate from the dense pass before the ways *and* one after them.
+
+    The cores' speed drifts under other load (one pass moved the estimate 2x between two
+    points of one run): the mean of the two passes brackets the ways it prices, and both
+    rates are kept so the table's reader sees the drift. Every speedup measured here is
+    recomputed against that mean (a reused exact matrix keeps its own run's figures).
+    ``clock(dense)`` times the second pass (default: one timed call)."""
+    from bench_matrix import median_time
+
+    t_after = clock(dense) if clock is not None else median_time(dense, 1)[0]
+    t_dense = (t_before + t_after) / 2
+    seed = seed_tokens * t_dense / L
+    rates = (L / t_before, L / t_after)
+    out["seed"].update(s=seed, dense_tok_s=list(rates),
+                       how=f"estimated: {seed_tokens:,} tokens at the dense prefill cost measured "
+                           f"here, before and after the ways ({rates[0]:,.0f} and "
+                           f"{rates[1]:,.0f} tok/s)")
+    for way in ways:
+        w = out.get(way)
+        if not w or "s" not in w or "reused_from" in w:
+            continue
+        w["speedup"] = seed / w["s"]
+        if way == "exact":
+            w.update(seed_s=seed, share_of_bound=w["speedup"] / out["bound"],
+                     share_of_flop_bound=w["speedup"] / out["flop_bound"])
 
 
 def _through_vllm(ctx: Any, exact_m: Any, t_exact: float, args: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,26 @@ def test_scale_merge_keeps_what_a_rerun_did_not_measure() -> None:
     assert merge({}, {"error": "boom"}) == {"error": "boom"}
 
 
+def test_scale_seed_estimate_brackets_the_ways() -> None:
+    """The seed's estimate is the mean of a dense pass before the ways and one after (the
+    cores drift); every speedup measured in the run is recomputed against it, a reused exact
+    matrix keeps its own."""
+    calls = iter([4.0])  # the pass after the ways: 1,000 tokens in 4 s (before: 2 s)
+    out = {"bound": 2.0, "flop_bound": 2.5, "seed": {"s": 20.0, "how": "estimated"},
+           "exact": {"s": 10.0, "speedup": 2.0}, "w1": {"s": 1.0, "speedup": 20.0}}
+    scale = _scale()
+    scale._bracket_seed(out, lambda: None, 2.0, 10_000, 1_000, ["exact", "w1"],
+                        clock=lambda fn: next(calls))
+    assert out["seed"]["s"] == pytest.approx(30.0)  # 10,000 tokens at 3 ms each
+    assert out["seed"]["dense_tok_s"] == [500.0, 250.0] and "500 and 250 tok/s" in out["seed"]["how"]
+    assert out["exact"]["speedup"] == pytest.approx(3.0) and out["w1"]["speedup"] == pytest.approx(30.0)
+    assert out["exact"]["share_of_bound"] == pytest.approx(1.5)
+    assert out["exact"]["share_of_flop_bound"] == pytest.approx(1.2)
+    reused = {**out, "exact": {"s": 10.0, "speedup": 2.0, "reused_from": "x"}}
+    scale._bracket_seed(reused, lambda: None, 2.0, 10_000, 1_000, ["exact"], clock=lambda fn: 2.0)
+    assert reused["exact"]["speedup"] == 2.0
+
+
 def test_scale_report_is_a_markdown_table() -> None:
     row = {"target_tokens": 2000, "memories": 16, "layout": "late", "prompt_tokens": 2010,
            "bound": 4.0, "flop_bound": 4.2, "seed": {"s": 100.0, "how": "timed"},
