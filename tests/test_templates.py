@@ -14,14 +14,14 @@ import pytest
 from _helpers import TEMPLATE_MESSAGES
 
 from scoring_kit._exceptions import ConfigError, ContextError
-from scoring_kit.context.io import context_from_messages, load_context, load_messages
-from scoring_kit.context.model import ContextState, skip_key
-from scoring_kit.context.templates import (
+from scoring_kit.context.chat_templates import (
     CHATML_TEMPLATE,
     GEMMA_TEMPLATE,
     ChatTemplate,
     load_template,
 )
+from scoring_kit.context.io import context_from_messages, load_context, load_messages
+from scoring_kit.context.model import ContextState, skip_key
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLE = DATA / "sample_conversation.jsonl"

@@ -44,9 +44,9 @@ from .._exceptions import ContextError
 from .._files import atomic_write_bytes
 from .._types import PathLike
 from ..wire import WireImage
+from .chat_templates import ChatTemplate
 from .messages import _check_message, context_from_messages, parse_timestamp
 from .model import KINDS, SECTIONS, ContextState, Node, ScoreSpan
-from .templates import ChatTemplate
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:

@@ -13,9 +13,10 @@ from typing import Any
 
 from .._exceptions import ConfigError, ContextError
 from .._types import PathLike
+from .chat_templates import ChatTemplate, resolve_template
 from .chatml import PLAIN_ROLES, render_message, section_of
 from .model import SCORE_SPANS, SECTIONS, ContextState, Node, ScoreSpan
-from .templates import ChatTemplate, PlainMessage, render_template_context, resolve_template
+from .templates import PlainMessage, render_template_context
 from .tokenizer import Tokenizer
 
 __all__ = ["context_from_messages", "parse_timestamp"]
@@ -99,7 +100,7 @@ def context_from_messages(
     chat_template
         A shipped template name (``chatml``, ``gemma``), ``tokenizer`` (the tokenizer's own),
         a Jinja file, or None: the kit's ChatML for a tokenizer with ChatML tokens, else the
-        tokenizer's own template (see :func:`scoring_kit.context.templates.resolve_template`).
+        tokenizer's own template (see :func:`scoring_kit.context.chat_templates.resolve_template`).
     memory_placement
         Where memories go in a template: ``message:system`` (default; ``inline`` for
         Gemma), ``message:user``, ``message:tool`` or ``inline``.

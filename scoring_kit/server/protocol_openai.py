@@ -159,7 +159,7 @@ def _render(tok: Tokenizer, messages: Sequence[dict[str, str]], *, generation: b
     """The served model's chat template over ``messages``: the tokenizer's own, else the
     kit's ChatML for a ChatML vocabulary; a model with neither gets a 400 (as in vLLM)."""
     from .._exceptions import ConfigError
-    from ..context.templates import load_template, render_chat
+    from ..context.chat_templates import load_template, render_chat
 
     own = getattr(tok, "chat_template", None) is not None
     if not own and tok.im_start_id is None:
