@@ -60,6 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scoring_kit._files import atomic_write_text  # noqa: E402
 from scoring_kit._types import FloatArray  # noqa: E402
 from scoring_kit.backends.local import LocalScorer  # noqa: E402
 from scoring_kit.context.io import context_from_messages  # noqa: E402
@@ -508,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n1000 x 1000 divergence matrix from raw totals: {t_asm * 1000:.1f} ms (median)")
     print(f"total benchmark time {time.perf_counter() - t0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     return 0
 
 

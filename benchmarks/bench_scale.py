@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from scoring_kit._files import atomic_write_text  # noqa: E402  (the figures survive a kill)
+
 if TYPE_CHECKING:
     from bench_matrix import Ablations
 
@@ -278,7 +280,7 @@ def _point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dic
     if seed_m is None:
         _bracket_seed(out, dense, t_dense, seed_tokens, L, args["ways"])
     if "reused_from" not in out["exact"]:
-        meta_json.write_text(json.dumps({"prompt_sha": prompt_sha, "exact": out["exact"]}))
+        atomic_write_text(meta_json, json.dumps({"prompt_sha": prompt_sha, "exact": out["exact"]}))
 
     if args["vllm"] and (not args["vllm_points"]
                          or (tokens, memories) in [p[:2] for p in args["vllm_points"]]):
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[at] = r
             _print_row(r, ways)
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=2))
+            atomic_write_text(args.json, json.dumps(rows, indent=2))
     growth_chart(rows, _ways_in(rows), args.chart)
     print(f"total {time.perf_counter() - t0:.0f} s; figures in {args.json}, chart {args.chart}")
     return 0
