@@ -30,6 +30,7 @@ __all__ = [
     "default_placement",
     "load_template",
     "render_chat",
+    "render_raw",
     "resolve_template",
     "special_tokens",
 ]
@@ -163,15 +164,27 @@ def render_chat(
     ConfigError
         The template raised (its own message is quoted).
     """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     try:
-        out = render_jinja_template(conversations=[list(messages)],
-                                    chat_template=template.source,
-                                    add_generation_prompt=add_generation_prompt,
-                                    **special_tokens(tokenizer))
+        return render_raw(template, messages, special_tokens(tokenizer),
+                          add_generation_prompt=add_generation_prompt)
     except Exception as e:
         raise ConfigError(f"chat template {template.origin}: {type(e).__name__}: {e}") from e
+
+
+def render_raw(
+    template: ChatTemplate,
+    messages: Sequence[dict[str, Any]],
+    special: dict[str, Any],
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    """:func:`render_chat` with the template variables given (:func:`special_tokens`) and
+    the template's own exceptions left as they are (``jinja2.TemplateError`` for a rejected
+    conversation), for callers that render many times and react to a rejection."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    out = render_jinja_template(conversations=[list(messages)], chat_template=template.source,
+                                add_generation_prompt=add_generation_prompt, **special)
     return str(out[0][0])
 
 

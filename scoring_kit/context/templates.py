@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .._exceptions import ConfigError, ContextError
-from .chat_templates import MEMORY_PLACEMENTS, ChatTemplate, default_placement, special_tokens
+from .chat_templates import (
+    MEMORY_PLACEMENTS,
+    ChatTemplate,
+    default_placement,
+    render_raw,
+    special_tokens,
+)
 from .model import SECTIONS, ContextState, Node, ScoreSpan, Section, WirePrompt
 from .tokenizer import Tokenizer
 
@@ -145,14 +151,8 @@ class _Renderer:
         self._kwargs = special_tokens(tokenizer)
 
     def text(self, chats: Sequence[_Chat]) -> str:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         msgs = [{"role": c.role, "content": c.content} for c in chats]
-        out = render_jinja_template(
-            conversations=[msgs], chat_template=self.template.source,
-            add_generation_prompt=False, **self._kwargs,
-        )
-        return str(out[0][0])
+        return render_raw(self.template, msgs, self._kwargs)
 
     def error(self, e: Exception, plain: Sequence[PlainMessage]) -> ContextError:
         has_mem = any(m.is_memory for m in plain)
