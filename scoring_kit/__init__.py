@@ -56,6 +56,7 @@ _LAZY: dict[str, str] = {
     "ascore_memories_windowed": "scoring_kit.scoring.approx",
     "score_memories_hierarchical": "scoring_kit.scoring.approx",
     "ascore_memories_hierarchical": "scoring_kit.scoring.approx",
+    "replay_windowed": "scoring_kit.scoring.replay",
     "score_memory": "scoring_kit.scoring.windows",
     "score_memories_incremental": "scoring_kit.scoring.windows",
     "score_finetune": "scoring_kit.scoring.finetune",

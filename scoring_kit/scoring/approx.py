@@ -53,6 +53,7 @@ __all__ = [
     "score_memories_windowed",
     "top_k_recall",
     "top_k_weight_share",
+    "window_spans",
 ]
 
 #: Responses after a memory's first appearance that the windowed mode scores exactly.
@@ -254,6 +255,42 @@ async def ascore_memories_hierarchical(
     })
 
 
+def window_spans(
+    ctx: ContextState,
+    keys: Sequence[str],
+    *,
+    window: int = DEFAULT_WINDOW,
+    restated: float | None = None,
+) -> tuple[dict[str, tuple[int, int]], dict[str, list[int]]]:
+    """The conversation span each memory's windowed ablation scores, before any refinement.
+
+    Returns ``(spans, extended)``: per key the half-open conversation span ``(pos, end)``
+    from its first position (identity memories: 0) through the ``window``-th response at or
+    after it — extended, with ``restated``, through the last later response restating that
+    share of its content — and, per extended key, the restating responses' entries.
+    """
+    if window < 1:
+        raise ScoringError(f"window must be >= 1 response, got {window}")
+    if restated is not None and not 0.0 < restated <= 1.0:
+        raise ScoringError(f"restated must be a share in (0, 1], got {restated}")
+    shares, share_entries = restatement_matrix(ctx, keys) if restated is not None else (None, [])
+    spans: dict[str, tuple[int, int]] = {}
+    extended: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        pos = _first_position(ctx, k)
+        if pos is None:
+            raise ScoringError(f"memory {k!r} is not in the context")
+        end, _ = nth_response_end(ctx.conversation, pos, window)
+        if shares is not None and restated is not None:
+            far = [e for e, share in zip(share_entries, shares[i], strict=True)
+                   if e >= end and share >= restated]
+            if far:
+                extended[k] = far
+                end = far[-1] + 1
+        spans[k] = (pos, end)
+    return spans, extended
+
+
 async def ascore_memories_windowed(
     ctx: ContextState,
     scorer: Scorer,
@@ -294,35 +331,17 @@ async def ascore_memories_windowed(
         ``window_entries`` it scored, the ``extended`` keys with the restating responses'
         entries, ``estimated_cells``, the calls and prompt tokens spent against the exact run.
     """
-    if window < 1:
-        raise ScoringError(f"window must be >= 1 response, got {window}")
     if refine < 0:
         raise ScoringError(f"refine must be a count >= 0, got {refine}")
-    if restated is not None and not 0.0 < restated <= 1.0:
-        raise ScoringError(f"restated must be a share in (0, 1], got {restated}")
     mem_keys = list(keys) if keys is not None else ctx.memory_keys()
-    shares, share_entries = (
-        restatement_matrix(ctx, mem_keys) if restated is not None else (None, [])
-    )
-    extended: dict[str, list[int]] = {}
+    spans, extended = window_spans(ctx, mem_keys, window=window, restated=restated)
     base_wp = ctx.wire_prompt()
     entries = np.asarray(base_wp.entries, dtype=np.int64)
     col = {int(e): j for j, e in enumerate(base_wp.entries)}
-    spans: dict[str, tuple[int, int]] = {}
     reqs = [base_wp.request(priority=priority)]
     asked: list[tuple[int, list[int]]] = []  # (row, columns its prompt scores)
     for i, k in enumerate(mem_keys):
-        pos = _first_position(ctx, k)
-        if pos is None:
-            raise ScoringError(f"memory {k!r} is not in the context")
-        end, _ = nth_response_end(ctx.conversation, pos, window)
-        if shares is not None:
-            far = [e for e, share in zip(share_entries, shares[i], strict=True)
-                   if e >= end and share >= restated]
-            if far:
-                extended[k] = far
-                end = far[-1] + 1
-        spans[k] = (pos, end)
+        pos, end = spans[k]
         if any(pos <= e < end for e in col):
             sub = ctx.wire_prompt(range(0, end), skip=skip_key(k))
             reqs.append(sub.request(priority=priority))
