@@ -289,3 +289,50 @@ def test_cli_measure_end_to_end(
     lines = capsys.readouterr().out.splitlines()
     assert [w.split()[0] for w in lines if w.split()[:1] in (["cli"], ["render"])] == [
         "cli", "render"]
+
+
+def _replay_bench() -> ModuleType:
+    _load("bench_matrix", register=True)
+    _load("bench_scale", register=True)
+    return _load("bench_replay")
+
+
+def test_replay_reads_a_kept_exact_matrix_and_refuses_another_prompt(
+    bench: ModuleType, engine: Any, tmp_path: Path
+) -> None:
+    """A point kept the way bench_scale keeps it is replayed (w1 spends less than exact, a
+    window as long as the conversation is exact); a cache of another prompt is refused."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from scoring_kit.backends.local import LocalScorer
+    from scoring_kit.scoring.matrix import score_memories
+
+    rep = _replay_bench()
+    ctx = bench.build_conversation("late", n_memories=4, target_tokens=700,
+                                   tokenizer=engine.tokenizer, locomo=bench.LOCOMO)
+    exact = score_memories(ctx, LocalScorer(engine), progress=False)
+    exact.save(tmp_path / "700x4-late.npz")
+    sha = hashlib.sha256(ctx.wire_prompt().tokens.astype(">i8").tobytes()).hexdigest()
+    (tmp_path / "700x4-late.json").write_text(json.dumps({"prompt_sha": sha}))
+    measured = {(700, 4, "late"): {"w1": {"speedup": 3.0, "forward_tokens": 10}}}
+    row = rep.replay_point("700x4-late", tmp_path, ["w1", "w99"], engine.tokenizer,
+                           bench.LOCOMO, measured)
+    seed_tokens, _ = bench.exact_minimum(ctx, bench.ablations(ctx))
+    assert row["seed_tokens"] == seed_tokens and row["prompt_tokens"] == len(ctx.wire_prompt())
+    assert row["w99"]["top5_recall"] == 1.0 and row["w99"]["top5_weight_share"] == 1.0
+    assert row["w1"]["computed_tokens"] < row["exact"]["computed_tokens"]
+    assert row["w1"]["token_ratio"] == seed_tokens / row["w1"]["computed_tokens"]
+    assert row["w1"]["measured_speedup"] == 3.0 and "measured_speedup" not in row["w99"]
+    table = rep.markdown_table([row], ["w1", "w99"])
+    assert table.splitlines()[2].endswith(f"| w99: {row['w99']['token_ratio']:.1f}× |")
+    assert np.isfinite(row["w1"]["top5_recall"])
+    (tmp_path / "700x4-late.json").write_text(json.dumps({"prompt_sha": "0" * 64}))
+    with pytest.raises(SystemExit, match="its exact matrix is of another prompt"):
+        rep.replay_point("700x4-late", tmp_path, ["w1"], engine.tokenizer, bench.LOCOMO, {})
+    with pytest.raises(SystemExit, match="no exact matrix kept for 700x8-late"):
+        rep.replay_point("700x8-late", tmp_path, ["w1"], engine.tokenizer, bench.LOCOMO, {})
+    with pytest.raises(SystemExit, match="is not TOKENSxMEMORIES-LAYOUT"):
+        rep.replay_point("700-late", tmp_path, ["w1"], engine.tokenizer, bench.LOCOMO, {})
