@@ -37,8 +37,9 @@ from bench_scale import _parse_way  # noqa: E402
 
 from scoring_kit._files import atomic_write_text  # noqa: E402
 
-DEFAULT_WAYS = "w1,w1+r0.5,w2,w1+f1,w1+f2,w1+r0.5+f2,w1+r0.5+f6"
-MEASURED = [ROOT / "docs" / "bench-scale-grid.json", ROOT / "docs" / "bench-scale-8kx64.json"]
+DEFAULT_WAYS = "w1,w1+r0.5,w2,w3,w1+f1,w1+f2,w1+f4,w1+r0.5+f6,w1+f10"
+MEASURED = [ROOT / "docs" / "bench-scale-grid.json", ROOT / "docs" / "bench-scale-8kx64.json",
+            ROOT / "docs" / "bench-scale-8kx64-epyc.json"]
 STEM = re.compile(r"^(\d+)x(\d+)-(even|late)$")
 
 
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in args.measured:
         if f.exists():
             for r in json.loads(f.read_text()):
-                measured[(r["target_tokens"], r["memories"], r["layout"])] = r
+                # a later file's ways replace an earlier one's, way by way
+                measured.setdefault((r["target_tokens"], r["memories"], r["layout"]),
+                                    {}).update(r)
     tok = load_tokenizer()
     rows = [replay_point(s, args.cache, ways, tok, args.locomo, measured) for s in stems]
     args.json.parent.mkdir(parents=True, exist_ok=True)
