@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_replay.py                  # every point in out/scale-cache
     .venv/bin/python benchmarks/bench_replay.py --ways w1,w1+r0.5,w1+f2 --points 8000x64-even
+    .venv/bin/python benchmarks/bench_replay.py --merge --points 2000x128-even   # add to --json
 
 On a causal model the windowed mode's cells inside a window are the exact leave-one-out cells,
 so an exact matrix answers what any ``window`` / ``restated`` / ``refine`` would return
@@ -14,7 +15,9 @@ full ablated prompt) to those. Where ``bench_scale.py`` measured the way at that
 measured speedup stands beside it: the token ratio is an upper reading of the speedup (a
 window's tokens attend over a longer cached prefix than the seed's average token).
 
-Figures to ``--json`` (default ``docs/bench-replay.json``); a markdown table to stdout.
+Figures to ``--json`` (default ``docs/bench-replay.json``); a markdown table to stdout. With
+``--merge`` the points and ways already in ``--json`` are kept and the ones replayed now are
+added way by way (a fresh machine has only the matrices it computed in its cache).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from scoring_kit._files import atomic_write_text  # noqa: E402
 
 DEFAULT_WAYS = "w1,w1+r0.5,w2,w3,w1+f1,w1+f2,w1+f4,w1+r0.5+f6,w1+f10"
 MEASURED = [ROOT / "docs" / "bench-scale-grid.json", ROOT / "docs" / "bench-scale-8kx64.json",
-            ROOT / "docs" / "bench-scale-8kx64-epyc.json"]
+            ROOT / "docs" / "bench-scale-8kx64-epyc.json", ROOT / "docs" / "bench-scale-128.json"]
 STEM = re.compile(r"^(\d+)x(\d+)-(even|late)$")
 
 
@@ -100,20 +103,32 @@ def _order(stem: str) -> tuple[int, int, str]:
     return int(m[1]), int(m[2]), m[3]
 
 
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old``'s points with ``new``'s added, a point in both updated way by way (``new`` wins);
+    ordered by tokens, memories, layout."""
+    by: dict[tuple[int, int, str], dict[str, Any]] = {}
+    for r in [*old, *new]:
+        by.setdefault((r["target_tokens"], r["memories"], r["layout"]), {}).update(r)
+    return [by[k] for k in sorted(by)]
+
+
 def markdown_table(rows: list[dict[str, Any]], ways: list[str]) -> str:
     """Per point: each way's recall / token ratio (measured speedup), and the cheapest way
-    with recall 1.0 among those replayed."""
+    with recall 1.0 among those replayed ("-" where a point has not replayed a way)."""
     head = ["point (tokens × memories)", *ways, "cheapest at recall 1.0"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['prompt_tokens']:,} × {r['memories']} {r['layout']}"]
         for w in ways:
+            if w not in r:
+                cells.append("-")
+                continue
             f = r[w]
             s = f"{f['top5_recall']:.1f} / {f['token_ratio']:.1f}×"
             if "measured_speedup" in f:
                 s += f" ({f['measured_speedup']:.1f}×)"
             cells.append(s)
-        full = [w for w in ways if r[w]["top5_recall"] >= 1.0]
+        full = [w for w in ways if w in r and r[w]["top5_recall"] >= 1.0]
         best = max(full, key=lambda w: r[w]["token_ratio"]) if full else None
         cells.append(f"{best}: {r[best]['token_ratio']:.1f}×" if best else "none replayed")
         lines.append("| " + " | ".join(cells) + " |")
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                          "replayed token ratios")
     ap.add_argument("--locomo", type=Path, default=default_locomo_path())
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench-replay.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the points and ways already in --json, add those replayed now")
     args = ap.parse_args(argv)
     ways = [w for w in args.ways.split(",") if w]
     stems = (args.points.split(",") if args.points else
@@ -151,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                                     {}).update(r)
     tok = load_tokenizer()
     rows = [replay_point(s, args.cache, ways, tok, args.locomo, measured) for s in stems]
+    if args.merge and args.json.exists():
+        rows = merge_rows(json.loads(args.json.read_text()), rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(rows, indent=2))
     print("top-5 recall / seed tokens ÷ computed tokens (measured speedup where "

@@ -336,3 +336,22 @@ def test_replay_reads_a_kept_exact_matrix_and_refuses_another_prompt(
         rep.replay_point("700x8-late", tmp_path, ["w1"], engine.tokenizer, bench.LOCOMO, {})
     with pytest.raises(SystemExit, match="is not TOKENSxMEMORIES-LAYOUT"):
         rep.replay_point("700-late", tmp_path, ["w1"], engine.tokenizer, bench.LOCOMO, {})
+
+
+def test_replay_merge_keeps_earlier_points_and_ways() -> None:
+    """--merge: a point replayed now is updated way by way, one not replayed is kept, and the
+    table marks a way a point has not replayed."""
+    rep = _replay_bench()
+    fig = {"top5_recall": 1.0, "token_ratio": 9.0}
+    old = [{"target_tokens": 8000, "memories": 64, "layout": "even", "prompt_tokens": 8009,
+            "w1": {**fig, "token_ratio": 4.0}, "w2": fig},
+           {"target_tokens": 2000, "memories": 64, "layout": "late", "prompt_tokens": 3679,
+            "w1": fig}]
+    new = [{"target_tokens": 8000, "memories": 64, "layout": "even", "prompt_tokens": 8009,
+            "w1": {**fig, "token_ratio": 5.0}, "w1+f6": fig}]
+    rows = rep.merge_rows(old, new)
+    assert [(r["target_tokens"], r["layout"]) for r in rows] == [(2000, "late"), (8000, "even")]
+    assert rows[1]["w1"]["token_ratio"] == 5.0 and rows[1]["w2"] == fig and "w1+f6" in rows[1]
+    lines = rep.markdown_table(rows, ["w1", "w1+f6"]).splitlines()
+    assert lines[2] == "| 3,679 × 64 late | 1.0 / 9.0× | - | w1: 9.0× |"
+    assert lines[3].endswith("| 1.0 / 5.0× | 1.0 / 9.0× | w1+f6: 9.0× |")
