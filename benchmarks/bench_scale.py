@@ -39,8 +39,10 @@ import contextlib
 import hashlib
 import json
 import multiprocessing as mp
+import queue
 import re
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,6 +55,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from scoring_kit._files import atomic_write_text  # noqa: E402  (the figures survive a kill)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bench_matrix import Ablations
 
 #: the documented scale run: 25.5 min on a 2-core Intel Xeon (2026-12-02), 49 min on a 2-core
@@ -357,7 +361,14 @@ def _through_vllm(ctx: Any, exact_m: Any, t_exact: float, args: dict[str, Any]) 
             "max_abs_diff": float(np.nanmax(np.abs(vm.divergence - exact_m.divergence)))}
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like an exception, so ``finally`` blocks (a vLLM to stop, a point's
+    process to end) run when a run is killed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def _child(q: Any, tokens: int, memories: int, layout: str, args: dict[str, Any]) -> None:
+    _exit_on_sigterm()
     try:
         q.put(_point(tokens, memories, layout, args))
     except Exception as exc:  # reported in the table, the run goes on
@@ -365,13 +376,35 @@ def _child(q: Any, tokens: int, memories: int, layout: str, args: dict[str, Any]
                "error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_point(tokens: int, memories: int, layout: str, args: dict[str, Any]) -> dict[str, Any]:
+def run_point(tokens: int, memories: int, layout: str, args: dict[str, Any], *,
+              child: Callable[..., object] = _child) -> dict[str, Any]:
+    """One point in its own process (its peak memory is its own). A process that ends
+    without reporting (killed for memory, a signal) is a failed point naming its exit code;
+    the process is ended with the run (an interrupt or a kill of the run does not orphan it)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, tokens, memories, layout, args))
+    p = ctx.Process(target=child, args=(q, tokens, memories, layout, args))
     p.start()
-    res: dict[str, Any] = q.get()
-    p.join()
+    try:
+        while True:
+            try:
+                res: dict[str, Any] = q.get(timeout=2.0)
+                break
+            except queue.Empty:
+                if p.is_alive():
+                    continue
+                try:  # it may have reported just before it ended
+                    res = q.get(timeout=1.0)
+                except queue.Empty:
+                    res = {"target_tokens": tokens, "memories": memories, "layout": layout,
+                           "error": f"the point's process ended with exit code {p.exitcode} "
+                                    "before reporting (killed for memory or by a signal?)"}
+                break
+        p.join()
+    finally:
+        if p.is_alive():
+            p.terminate()
+            p.join(30)
     return res
 
 
@@ -573,4 +606,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _exit_on_sigterm()
     sys.exit(main())

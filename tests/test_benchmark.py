@@ -87,6 +87,15 @@ def _scale() -> ModuleType:
     return _load("bench_scale")
 
 
+def test_scale_point_whose_process_ends_without_reporting_is_a_failed_point() -> None:
+    """A point's process killed before it reports (for memory, by a signal) must not hang the
+    run: the point is failed, naming the exit code. ``print`` stands in for a child that
+    returns without putting a result."""
+    r = _scale().run_point(700, 8, "late", {}, child=print)
+    assert r["target_tokens"] == 700 and r["layout"] == "late"
+    assert "exit code 0 before reporting" in r["error"]
+
+
 def test_scale_grid_parsing() -> None:
     scale = _scale()
     assert scale._parse_grid("2000x16,8000X64:late") == [(2000, 16, None), (8000, 64, "late")]
