@@ -15,6 +15,12 @@ full ablated prompt) to those. Where ``bench_scale.py`` measured the way at that
 measured speedup stands beside it: the token ratio is an upper reading of the speedup (a
 window's tokens attend over a longer cached prefix than the seed's average token).
 
+Per point it also says how much of the exact ranking is decided past the windows by noise:
+``exact_top5_sign_agreement`` (the share of the exact top 5 that is also the top 5 by signed
+row sums, ``scoring_kit.scoring.approx.top_k_sign_agreement``), ``after_w1_windows`` (the
+divergence in the cells past one-response windows, their signed sum, and the share of them
+below 0), and per way ``top5_recall_signed`` (recall with both sides ranked by signed sums).
+
 Figures to ``--json`` (default ``docs/bench-replay.json``); a markdown table to stdout. With
 ``--merge`` the points and ways already in ``--json`` are kept and the ones replayed now are
 added way by way (a fresh machine has only the matrices it computed in its cache).
@@ -30,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,7 +57,12 @@ STEM = re.compile(r"^(\d+)x(\d+)-(even|late)$")
 def replay_point(stem: str, cache: Path, ways: list[str], tokenizer: Any, locomo: Path,
                  measured: dict[tuple[int, int, str], dict[str, Any]]) -> dict[str, Any]:
     """Every way replayed on the exact matrix ``cache/stem.npz``; its figures."""
-    from scoring_kit.scoring.approx import top_k_recall, top_k_weight_share
+    from scoring_kit.scoring.approx import (
+        signed_weights,
+        top_k_recall,
+        top_k_sign_agreement,
+        top_k_weight_share,
+    )
     from scoring_kit.scoring.memory_matrix import MemoryMatrix
     from scoring_kit.scoring.replay import replay_windowed
 
@@ -72,7 +85,15 @@ def replay_point(stem: str, cache: Path, ways: list[str], tokenizer: Any, locomo
     exact = MemoryMatrix.load(npz)
     seed_tokens, _ = exact_minimum(ctx, ablations(ctx))  # as bench_scale.py counts them
     out: dict[str, Any] = {"target_tokens": tokens, "memories": memories, "layout": layout,
-                           "prompt_tokens": len(base), "seed_tokens": seed_tokens}
+                           "prompt_tokens": len(base), "seed_tokens": seed_tokens,
+                           "exact_top5_sign_agreement": top_k_sign_agreement(exact, 5)}
+    # the cells past one-response windows: their clipped weight against their net effect
+    w1 = replay_windowed(exact, ctx, window=1)
+    out["after_w1_windows"] = {
+        "divergence_nats": float(np.nansum(exact.memory_weights)
+                                 - np.nansum(w1.memory_weights)),
+        "signed_nats": float(np.nansum(signed_weights(exact)) - np.nansum(signed_weights(w1))),
+        "negative_cell_share": _negative_share(exact, w1)}
     lived = measured.get((tokens, memories, layout), {})
     for way in ways:
         parsed = _parse_way(way)
@@ -83,6 +104,7 @@ def replay_point(stem: str, cache: Path, ways: list[str], tokenizer: Any, locomo
         a = replay_windowed(exact, ctx, window=window, restated=restated, refine=refine)
         overall, per = top_k_recall(exact, a, 5)
         fig = {"top5_recall": overall, "top5_recall_per_response": per,
+               "top5_recall_signed": top_k_recall(exact, a, 5, signed=True)[0],
                "top5_weight_share": top_k_weight_share(exact, a, 5),
                "computed_tokens": a.meta["computed_tokens"],
                "token_ratio": seed_tokens / a.meta["computed_tokens"],
@@ -95,6 +117,15 @@ def replay_point(stem: str, cache: Path, ways: list[str], tokenizer: Any, locomo
             out["exact"] = {"computed_tokens": a.meta["exact_computed_tokens"],
                             "token_ratio": seed_tokens / a.meta["exact_computed_tokens"]}
     return out
+
+
+def _negative_share(exact: Any, w1: Any) -> float:
+    """Of the exact cells past the one-response windows (the ones ``w1`` estimates), the
+    share whose signed value is below 0."""
+    ends = np.array([w1.meta["window_entries"][k][1] for k in w1.keys])
+    far = np.asarray(w1.entries)[None, :] >= ends[:, None]
+    d = exact.delta[far & np.isfinite(exact.delta)]
+    return float((d < 0).mean()) if d.size else 0.0
 
 
 def _order(stem: str) -> tuple[int, int, str]:
@@ -113,9 +144,11 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
 
 
 def markdown_table(rows: list[dict[str, Any]], ways: list[str]) -> str:
-    """Per point: each way's recall / token ratio (measured speedup), and the cheapest way
-    with recall 1.0 among those replayed ("-" where a point has not replayed a way)."""
-    head = ["point (tokens × memories)", *ways, "cheapest at recall 1.0"]
+    """Per point: each way's recall [its recall by signed sums, where that differs] / token
+    ratio (measured speedup), the cheapest way with recall 1.0 among those replayed ("-"
+    where a point has not replayed a way), and the exact top 5's sign agreement."""
+    head = ["point (tokens × memories)", *ways, "cheapest at recall 1.0",
+            "exact top 5 = signed top 5"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['prompt_tokens']:,} × {r['memories']} {r['layout']}"]
@@ -124,13 +157,18 @@ def markdown_table(rows: list[dict[str, Any]], ways: list[str]) -> str:
                 cells.append("-")
                 continue
             f = r[w]
-            s = f"{f['top5_recall']:.1f} / {f['token_ratio']:.1f}×"
+            s = f"{f['top5_recall']:.1f}"
+            if f.get("top5_recall_signed", f["top5_recall"]) != f["top5_recall"]:
+                s += f" [{f['top5_recall_signed']:.1f}]"
+            s += f" / {f['token_ratio']:.1f}×"
             if "measured_speedup" in f:
                 s += f" ({f['measured_speedup']:.1f}×)"
             cells.append(s)
         full = [w for w in ways if w in r and r[w]["top5_recall"] >= 1.0]
         best = max(full, key=lambda w: r[w]["token_ratio"]) if full else None
         cells.append(f"{best}: {r[best]['token_ratio']:.1f}×" if best else "none replayed")
+        agree = r.get("exact_top5_sign_agreement")
+        cells.append("-" if agree is None else f"{agree:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -172,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = merge_rows(json.loads(args.json.read_text()), rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(rows, indent=2))
-    print("top-5 recall / seed tokens ÷ computed tokens (measured speedup where "
-          "bench_scale.py ran the way)\n")
+    print("top-5 recall [by signed sums, where it differs] / seed tokens ÷ computed tokens "
+          "(measured speedup where bench_scale.py ran the way)\n")
     print(markdown_table(rows, ways))
     print(f"\nfigures in {args.json}")
     return 0

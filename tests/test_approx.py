@@ -16,7 +16,9 @@ from scoring_kit.context.model import ContextState
 from scoring_kit.scoring.approx import (
     score_memories_hierarchical,
     score_memories_windowed,
+    signed_weights,
     top_k_recall,
+    top_k_sign_agreement,
     top_k_weight_share,
 )
 from scoring_kit.scoring.matrix import MemoryMatrix
@@ -175,3 +177,29 @@ def test_top_k_weight_share_prices_a_near_tie() -> None:
     assert top_k_weight_share(blank, exact, k=2) == 1.0
     with pytest.raises(ScoringError, match="k must be >= 1, got 0"):
         top_k_weight_share(exact, exact, k=0)
+
+
+def test_signed_ranking_nets_out_shifts_either_way() -> None:
+    """b's weight comes from the positive half of shifts that net to about nothing: it is in
+    the top 2 by divergence, not by signed sums; an approximation that estimated b's far
+    cells as 0 misses it by divergence and finds the signed top 2."""
+    keys = ["a", "b", "c"]
+    base = np.zeros(4)
+    delta = np.array([[3.0, 0, 0, 0], [2.0, 1.0, -1.0, 1.0], [0, 3.5, 0, 0]])
+    exact = MemoryMatrix(keys, np.arange(4), base, -delta, [None] * 3)
+    np.testing.assert_allclose(exact.memory_weights, [3.0, 4.0, 3.5])
+    np.testing.assert_allclose(signed_weights(exact), [3.0, 3.0, 3.5])
+    assert top_k_sign_agreement(exact, k=2) == pytest.approx(0.5)  # {b, c} against {a, c}
+    assert top_k_sign_agreement(exact, k=3) == 1.0
+    windowed = delta.copy()
+    windowed[1, 1:] = 0.0  # b's far cells estimated as no divergence
+    approx = MemoryMatrix(keys, np.arange(4), base, -windowed, [None] * 3)
+    assert top_k_recall(exact, approx, k=2)[0] == pytest.approx(0.5)
+    assert top_k_recall(exact, approx, k=2, signed=True)[0] == 1.0
+    # a failed row counts as 0 either way
+    failed = exact.without.copy()
+    failed[2] = np.nan
+    broken = MemoryMatrix(keys, np.arange(4), base, failed, [None, None, "boom"])
+    assert signed_weights(broken)[2] == 0.0
+    with pytest.raises(ScoringError, match="k must be >= 1, got 0"):
+        top_k_sign_agreement(exact, k=0)

@@ -336,7 +336,13 @@ def test_replay_reads_a_kept_exact_matrix_and_refuses_another_prompt(
     assert row["w1"]["token_ratio"] == seed_tokens / row["w1"]["computed_tokens"]
     assert row["w1"]["measured_speedup"] == 3.0 and "measured_speedup" not in row["w99"]
     table = rep.markdown_table([row], ["w1", "w99"])
-    assert table.splitlines()[2].endswith(f"| w99: {row['w99']['token_ratio']:.1f}× |")
+    assert table.splitlines()[2].endswith(f"| w99: {row['w99']['token_ratio']:.1f}× | "
+                                          f"{row['exact_top5_sign_agreement']:.1f} |")
+    # the cells past the windows: w99 has none, so it is exact under either ranking
+    assert row["w99"]["top5_recall_signed"] == 1.0
+    far = row["after_w1_windows"]
+    assert far["divergence_nats"] >= max(far["signed_nats"], 0.0) - 1e-6
+    assert 0.0 <= far["negative_cell_share"] <= 1.0
     assert np.isfinite(row["w1"]["top5_recall"])
     (tmp_path / "700x4-late.json").write_text(json.dumps({"prompt_sha": "0" * 64}))
     with pytest.raises(SystemExit, match="its exact matrix is of another prompt"):
@@ -362,5 +368,10 @@ def test_replay_merge_keeps_earlier_points_and_ways() -> None:
     assert [(r["target_tokens"], r["layout"]) for r in rows] == [(2000, "late"), (8000, "even")]
     assert rows[1]["w1"]["token_ratio"] == 5.0 and rows[1]["w2"] == fig and "w1+f6" in rows[1]
     lines = rep.markdown_table(rows, ["w1", "w1+f6"]).splitlines()
-    assert lines[2] == "| 3,679 × 64 late | 1.0 / 9.0× | - | w1: 9.0× |"
-    assert lines[3].endswith("| 1.0 / 5.0× | 1.0 / 9.0× | w1+f6: 9.0× |")
+    assert lines[2] == "| 3,679 × 64 late | 1.0 / 9.0× | - | w1: 9.0× | - |"
+    assert lines[3].endswith("| 1.0 / 5.0× | 1.0 / 9.0× | w1+f6: 9.0× | - |")
+    # a way whose recall by signed sums differs shows it in brackets
+    rows[1]["w1"]["top5_recall_signed"] = 0.8
+    rows[1]["exact_top5_sign_agreement"] = 0.8
+    assert rep.markdown_table(rows, ["w1"]).splitlines()[3] == (
+        "| 8,009 × 64 even | 1.0 [0.8] / 5.0× | w1: 5.0× | 0.8 |")

@@ -51,7 +51,9 @@ __all__ = [
     "ascore_memories_windowed",
     "score_memories_hierarchical",
     "score_memories_windowed",
+    "signed_weights",
     "top_k_recall",
+    "top_k_sign_agreement",
     "top_k_weight_share",
     "window_spans",
 ]
@@ -431,7 +433,8 @@ def _heaviest_open_rows(
     return picked[:count]
 
 
-def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple[float, float]:
+def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5, *,
+                 signed: bool = False) -> tuple[float, float]:
     """How well ``approx`` finds what ``exact`` finds: ``(overall, per_response)``.
 
     A top-``k`` set holds the ``k`` heaviest memories whose value is above 0.01 (a memory
@@ -439,10 +442,16 @@ def top_k_recall(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) -> tuple
     exact matrix's top ``k`` by memory weight that is in the approximate matrix's.
     ``per_response``: the same per response column, averaged over the responses whose
     exact set is not empty (1.0 when none is).
+
+    ``signed=True`` ranks both matrices' memories by their *signed* row sums
+    (``delta.sum(axis=1)``: a response a memory's removal made more likely counts against
+    it) instead of by the divergence's; ``per_response`` is the same either way (a cell's
+    top-``k`` set only holds positive cells).
     """
     _check_pair(exact, approx, k)
-    top_e = _top_set(exact.memory_weights, k)
-    overall = len(top_e & _top_set(approx.memory_weights, k)) / len(top_e) if top_e else 1.0
+    weights = signed_weights if signed else (lambda m: m.memory_weights)
+    top_e = _top_set(weights(exact), k)
+    overall = len(top_e & _top_set(weights(approx), k)) / len(top_e) if top_e else 1.0
     per: list[float] = []
     for j in range(exact.shape[1]):
         relevant = _top_set(exact.divergence[:, j], k)
@@ -465,6 +474,32 @@ def top_k_weight_share(exact: MemoryMatrix, approx: MemoryMatrix, k: int = 5) ->
     want = float(ew[list(_top_set(ew, k))].sum())
     got = float(ew[list(_top_set(approx.memory_weights, k))].sum())
     return got / want if want > 0 else 1.0
+
+
+def signed_weights(matrix: MemoryMatrix) -> FloatArray:
+    """Row sums of the signed ``baseline - without``, ``(N,)`` (a NaN cell counts as 0).
+
+    The divergence clips each cell at 0, so a memory whose removal shifts many later
+    responses' log-probabilities a little either way gathers weight from the positive half
+    of those shifts alone; the signed sum nets them out.
+    """
+    return np.asarray(np.nansum(matrix.delta, axis=1), dtype=np.float64)
+
+
+def top_k_sign_agreement(matrix: MemoryMatrix, k: int = 5) -> float:
+    """The share of ``matrix``'s top ``k`` by memory weight that is also its top ``k`` by
+    :func:`signed_weights` (top sets as in :func:`top_k_recall`; 1.0 when the first is
+    empty).
+
+    Below 1.0, a place in the top ``k`` is decided by the clipped positive half of small
+    shifts rather than by net effect — an approximate matrix that misses that place (it
+    estimates the far cells as no divergence) has missed noise, not a dependence; compare
+    ``top_k_recall(..., signed=True)``.
+    """
+    if k < 1:
+        raise ScoringError(f"k must be >= 1, got {k}")
+    top = _top_set(matrix.memory_weights, k)
+    return len(top & _top_set(signed_weights(matrix), k)) / len(top) if top else 1.0
 
 
 def _top_set(values: FloatArray, k: int) -> set[int]:
